@@ -1,0 +1,81 @@
+"""`lambdaemu`: a thin click layer over the Python API (`emulator.runner.run`).
+
+Options are generated from the settings table in config.py, so --help, validation and the README
+cannot drift. Values are taken as text and parsed by the settings themselves, so every bad value gets
+the same one-line message naming the flag and the fix, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from .config import SETTINGS, RunConfig
+from .errors import LambdaemuError, UsageError
+
+
+def _settings_options(func: Any) -> Any:
+    for setting in reversed(SETTINGS):
+        extra = f" [default: {setting.default_text()}]" if setting.default is not None and not setting.multiple else ""
+        choices = f" ({'|'.join(setting.choices)})" if setting.choices else ""
+        func = click.option(setting.flag, setting.name, type=str, default=None, multiple=setting.multiple,
+                            metavar=setting.kind.upper() if not setting.choices else "CHOICE",
+                            help=setting.help + choices + extra)(func)
+    return func
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"lambdaemu: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="lambdaemu")
+def main() -> None:
+    """Emulate AWS Lambda scaling against a real database and record what the database sees."""
+
+
+@main.command("run")
+@_settings_options
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout (progress stays on stderr).")
+@click.option("--results-dir", default="results", show_default=True,
+              help="Where run directories are created when --out is not given.")
+def run_command(as_json: bool, results_dir: str, **raw: Any) -> None:
+    """Start a database, drive open-loop load through emulated Lambda environments, and write a run
+    directory (samples, invocations, environments, logs, summary.json, chart.png)."""
+    from rich.console import Console
+
+    from .display import LiveDisplay, summary_table
+    from .runner import run
+
+    try:
+        config = RunConfig.from_strings(raw)
+        result = run(config, display=LiveDisplay(), results_root=results_dir)
+    except UsageError as exc:
+        _fail(str(exc), 2)
+    except LambdaemuError as exc:
+        _fail(str(exc), 1)
+    console = Console(stderr=as_json)
+    console.print(summary_table(result.summary, result.run_dir))
+    if result.error:
+        console.print(f"[red]{result.error}[/]")
+    if as_json:
+        click.echo(json.dumps(result.summary, indent=2))
+    sys.exit(result.exit_code)
+
+
+@main.command("cleanup")
+def cleanup_command() -> None:
+    """Remove what interrupted runs left behind: servers, environments and work directories labelled
+    lambdaemu (safe to run any time; running runs are left alone)."""
+    from .cleanup import cleanup
+
+    for line in cleanup():
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""Run configuration: one table of settings drives the CLI options, their help, the README tables and
+validation, so the four cannot drift apart.
+
+`RunConfig` is a frozen, keyword-only dataclass with units in the field names (`duration_s`,
+`env_idle_ttl_s`). Constructing one validates it; every error names the command-line flag, the bad value
+and the fix, and is a `UsageError` (exit status 2). Nothing here reads environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .errors import UsageError
+
+DEFAULT_HANDLER = "workloads.sqlalchemy_pool:handler"
+
+# --- value parsers ---------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse `300ms`, `5s`, `10m`, `2h` or a bare number of seconds into seconds (float).
+
+    Raises ValueError for anything else (e.g. `5x`, `-1s`).
+    """
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way a user would type them (`300ms`, `5s`, `10m`, `2h`)."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _parse_scale_rate(text: str) -> tuple[int, float]:
+    """`1000/10s` → (1000 environments, 10.0 seconds)."""
+    count, _, window = str(text).partition("/")
+    if not window:
+        raise ValueError(text)
+    n = int(count)
+    w = parse_duration(window)
+    if n < 1 or w <= 0:
+        raise ValueError(text)
+    return n, w
+
+
+def _parse_env_pairs(values: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(values, Mapping):
+        values = [f"{k}={v}" for k, v in values.items()]
+    if isinstance(values, str):
+        values = [values]
+    pairs = []
+    for item in values or ():
+        if isinstance(item, tuple):
+            key, value = item
+        else:
+            key, sep, value = str(item).partition("=")
+            if not sep:
+                raise ValueError(item)
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise ValueError(item)
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+# --- the settings table ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run setting: its config field, command-line flag, parser, default, help and provenance."""
+
+    name: str
+    flag: str
+    kind: str  # float | int | duration | choice | text | pairs | scale_rate
+    default: Any
+    help: str
+    group: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    exclusive_minimum: bool = False
+    expect: str = ""  # what a good value looks like, for error messages
+    source: str = ""  # where the default comes from (README lifecycle table)
+    optional: bool = False  # None is a legal value (meaning "not set")
+    multiple: bool = False
+
+    def parse(self, raw: Any) -> Any:
+        """Turn a raw CLI string (or an already-typed Python value) into the field's value."""
+        if raw is None:
+            if self.optional:
+                return None
+            raise UsageError(f"{self.flag}: a value is required; {self.expect}")
+        try:
+            value = _PARSERS[self.kind](self, raw)
+        except (ValueError, TypeError):
+            raise UsageError(f"{self.flag}: {_show(raw)} is not valid; {self.expect}") from None
+        self.check(value)
+        return value
+
+    def check(self, value: Any) -> None:
+        """Check an already-typed value against the setting's bounds and choices."""
+        if value is None and self.optional:
+            return
+        if self.kind == "choice" and value not in self.choices:
+            raise UsageError(f"{self.flag}: {_show(value)} is not one of {', '.join(self.choices)}")
+        if self.minimum is not None and isinstance(value, (int, float)):
+            low = value <= self.minimum if self.exclusive_minimum else value < self.minimum
+            if low or (isinstance(value, float) and math.isnan(value)):
+                raise UsageError(f"{self.flag}: {_show(value)} is out of range; {self.expect}")
+
+    def default_text(self) -> str:
+        """The default as a user would type it, for --help and the README."""
+        if self.default is None:
+            return "none"
+        if self.kind == "duration":
+            return format_duration(self.default)
+        if self.kind == "scale_rate":
+            return f"{self.default[0]}/{format_duration(self.default[1])}"
+        if self.kind == "pairs":
+            return "none"
+        return str(self.default)
+
+
+def _show(raw: Any) -> str:
+    return repr(raw) if isinstance(raw, str) else str(raw)
+
+
+def _parse_number(setting: Setting, raw: Any) -> float | int:
+    if isinstance(raw, bool):
+        raise TypeError(raw)
+    if setting.kind == "int":
+        if isinstance(raw, float) and not raw.is_integer():
+            raise ValueError(raw)
+        return int(str(raw).strip()) if isinstance(raw, str) else int(raw)
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def _parse_duration_value(setting: Setting, raw: Any) -> float:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        if raw < 0 or not math.isfinite(raw):
+            raise ValueError(raw)
+        return float(raw)
+    return parse_duration(raw)
+
+
+_PARSERS: dict[str, Callable[[Setting, Any], Any]] = {
+    "float": _parse_number,
+    "int": _parse_number,
+    "duration": _parse_duration_value,
+    "choice": lambda s, raw: str(raw).strip().lower(),
+    "text": lambda s, raw: str(raw),
+    "pairs": lambda s, raw: _parse_env_pairs(raw),
+    "scale_rate": lambda s, raw: raw if isinstance(raw, tuple) else _parse_scale_rate(raw),
+}
+
+_DUR = "use a number with a unit: 300ms, 5s, 10m or 2h"
+
+SETTINGS: tuple[Setting, ...] = (
+    # load
+    Setting("rps", "--rps", "float", 10.0, "Mean invocation arrival rate, requests per second.", "load",
+            minimum=0, exclusive_minimum=True, expect="use a positive number of requests per second, e.g. 167"),
+    Setting("duration_s", "--duration", "duration", 60.0, "How long arrivals keep coming.", "load",
+            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+    Setting("arrivals", "--arrivals", "choice", "poisson",
+            "Arrival process: poisson (exponential gaps, open loop) or constant (evenly spaced).", "load",
+            choices=("poisson", "constant"), expect="use poisson or constant"),
+    Setting("seed", "--seed", "int", None, "Random seed for arrivals and routing (default: random, recorded in run.json).",
+            "load", optional=True, expect="use a whole number, e.g. 42"),
+    # function
+    Setting("handler", "--handler", "text", DEFAULT_HANDLER,
+            "Lambda-shaped handler to run: module:function or path/to/file.py:function.", "function",
+            expect="use module:function or path/to/file.py:function, e.g. workloads.sqlalchemy_pool:handler"),
+    Setting("work_s", "--work", "duration", 0.3,
+            "Time each invocation keeps its database connection busy (the default workload runs pg_sleep).",
+            "function", minimum=0, expect=f"a duration of zero or more; {_DUR}"),
+    Setting("pool_max", "--pool-max", "int", 5,
+            "Pool size per environment (SQLAlchemy pool_size, the library's default of 5).", "function",
+            minimum=1, expect="use a whole number of connections, 1 or more"),
+    Setting("env_vars", "--env", "pairs", (), "Extra environment variable for the function, KEY=VALUE (repeatable).",
+            "function", multiple=True, expect="use KEY=VALUE with KEY a valid variable name"),
+    Setting("timeout_s", "--timeout", "duration", 3.0,
+            "Function timeout; a longer invocation fails with status timeout and its environment is reset.",
+            "lifecycle", minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}",
+            source="Lambda's default function timeout (Lambda docs: Configuring function timeout)"),
+    Setting("memory_mb", "--memory", "int", None,
+            "Memory size in MB; an environment whose resident memory exceeds it ends with status out_of_memory.",
+            "lifecycle", optional=True, minimum=16, expect="use a whole number of megabytes, 16 or more, e.g. 128",
+            source="off by default (Lambda's own default is 128 MB; the emulated process is not a microVM)"),
+    # lifecycle
+    Setting("env_idle_ttl_s", "--env-idle-ttl", "duration", 600.0,
+            "Idle time after which an environment is reclaimed.", "lifecycle",
+            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}",
+            source="about 10 minutes, consistent across public measurements since 2019"),
+    Setting("env_max_lifetime_s", "--env-max-lifetime", "duration", 7200.0,
+            "Environments are recycled after this lifetime, once their current invocation ends.", "lifecycle",
+            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}",
+            source="about 2 hours (public observations of environment lifetimes)"),
+    Setting("init_delay_s", "--init-delay", "duration", 0.1,
+            "Extra runtime-init time added to every cold start, before the handler module is imported.",
+            "lifecycle", minimum=0, expect=f"a duration of zero or more; {_DUR}",
+            source="~100 ms Python runtime init (public cold-start measurements: see README)"),
+    Setting("init_limit_s", "--init-limit", "duration", 10.0,
+            "Longest init phase; an init past it fails the invocation (status timeout).", "lifecycle",
+            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}",
+            source="Lambda's 10 s init phase limit (Lambda runtime environment docs)"),
+    Setting("routing", "--routing", "choice", "newest",
+            "Which idle environment takes the next invocation.", "lifecycle",
+            choices=("newest", "oldest", "mru", "lru", "random"), expect="use newest, oldest, mru, lru or random",
+            source="newest: SimFaaS, validated against AWS (LocalStack uses oldest)"),
+    Setting("reclaim", "--reclaim", "choice", "kill",
+            "How idle environments end: kill (sockets closed) or vanish (frozen with connections open).",
+            "lifecycle", choices=("kill", "vanish"), expect="use kill or vanish",
+            source="kill: the database sees a clean disconnect; vanish models a microVM gone without a FIN"),
+    Setting("concurrency_limit", "--concurrency-limit", "int", 1000,
+            "Account concurrency limit; invocations beyond it are throttled.", "lifecycle",
+            minimum=1, expect="use a whole number, 1 or more",
+            source="Lambda's default account concurrency quota (Lambda quotas docs)"),
+    Setting("reserved_concurrency", "--reserved-concurrency", "int", None,
+            "Reserved concurrency for the function: at most N environments; beyond it, throttled.", "lifecycle",
+            optional=True, minimum=0, expect="use a whole number, 0 or more",
+            source="none (unreserved functions share the account limit)"),
+    Setting("scale_rate", "--scale-rate", "scale_rate", (1000, 10.0),
+            "Most new environments per window, a token bucket refilled continuously (N/DURATION).", "lifecycle",
+            expect="use N/DURATION, e.g. 1000/10s",
+            source="1000 per 10 s per function (Lambda scaling behaviour, 2023)"),
+    Setting("provisioned", "--provisioned", "int", 0,
+            "Environments initialised before load starts, used first, never reclaimed for idleness.", "lifecycle",
+            minimum=0, expect="use a whole number, 0 or more", source="0 (provisioned concurrency is opt-in)"),
+    # database
+    Setting("provider", "--provider", "choice", "embedded",
+            "Where the database comes from: embedded (wheel), native (binaries on this machine), external (--db-url).",
+            "database", choices=("embedded", "native", "external"), expect="use embedded, native or external"),
+    Setting("db_url", "--db-url", "text", None,
+            "URL of an existing database for --provider external, e.g. postgresql://user:pw@host:5432/db.",
+            "database", optional=True, expect="use postgresql://user:password@host:port/dbname"),
+    Setting("max_connections", "--max-connections", "int", None,
+            "Server max_connections (default: the engine's own, 100 for PostgreSQL).", "database",
+            optional=True, minimum=3, expect="use a whole number, 3 or more"),
+    Setting("db_idle_timeout_s", "--db-idle-timeout", "duration", None,
+            "Server-side idle session timeout (PostgreSQL idle_session_timeout); closes vanished connections.",
+            "database", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+    # output
+    Setting("sample_interval_s", "--sample-interval", "duration", 1.0,
+            "How often the sampler polls the database.", "output",
+            minimum=0.05, expect=f"a duration of 50ms or more; {_DUR}"),
+    Setting("out", "--out", "text", None, "Run directory (default: results/<run-id>/).", "output",
+            optional=True, expect="use a directory path"),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A validated run configuration. Construct it with typed values (Python API) or through
+    `RunConfig.from_strings` (CLI); either way `__post_init__` validates and raises `UsageError`."""
+
+    rps: float = SETTINGS_BY_NAME["rps"].default
+    duration_s: float = SETTINGS_BY_NAME["duration_s"].default
+    arrivals: str = SETTINGS_BY_NAME["arrivals"].default
+    seed: int | None = None
+    handler: str = DEFAULT_HANDLER
+    work_s: float = SETTINGS_BY_NAME["work_s"].default
+    pool_max: int = SETTINGS_BY_NAME["pool_max"].default
+    env_vars: tuple[tuple[str, str], ...] = ()
+    timeout_s: float = SETTINGS_BY_NAME["timeout_s"].default
+    memory_mb: int | None = None
+    env_idle_ttl_s: float = SETTINGS_BY_NAME["env_idle_ttl_s"].default
+    env_max_lifetime_s: float = SETTINGS_BY_NAME["env_max_lifetime_s"].default
+    init_delay_s: float = SETTINGS_BY_NAME["init_delay_s"].default
+    init_limit_s: float = SETTINGS_BY_NAME["init_limit_s"].default
+    routing: str = SETTINGS_BY_NAME["routing"].default
+    reclaim: str = SETTINGS_BY_NAME["reclaim"].default
+    concurrency_limit: int = SETTINGS_BY_NAME["concurrency_limit"].default
+    reserved_concurrency: int | None = None
+    scale_rate: tuple[int, float] = SETTINGS_BY_NAME["scale_rate"].default
+    provisioned: int = 0
+    provider: str = SETTINGS_BY_NAME["provider"].default
+    db_url: str | None = None
+    max_connections: int | None = None
+    db_idle_timeout_s: float | None = None
+    sample_interval_s: float = SETTINGS_BY_NAME["sample_interval_s"].default
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            # Accept strings from the Python API too ("5s"), normalising through the same parser.
+            if isinstance(value, str) and setting.kind not in ("text", "choice"):
+                value = setting.parse(value)
+            elif setting.kind in ("pairs", "scale_rate", "choice") and value is not None:
+                value = setting.parse(value)
+            elif setting.kind == "int" and isinstance(value, float):
+                value = setting.parse(value)
+            elif setting.kind in ("float", "duration") and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            setting.check(value)
+            object.__setattr__(self, setting.name, value)
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        # Conflicting options: the message names both.
+        if self.provider == "external" and not self.db_url:
+            raise UsageError("--provider external needs --db-url, e.g. --db-url postgresql://user:pw@host:5432/db")
+        if self.db_url and self.provider != "external":
+            raise UsageError(
+                f"--db-url is only used with --provider external (got --provider {self.provider}); "
+                "add --provider external or drop --db-url"
+            )
+        if self.db_url and not re.match(r"^(postgres|postgresql)(\+\w+)?://", self.db_url):
+            raise UsageError(
+                f"--db-url: {_redact(self.db_url)!r} is not a PostgreSQL URL; use postgresql://user:pw@host:port/db"
+            )
+        if self.provider == "external" and self.max_connections is not None:
+            raise UsageError(
+                "--max-connections cannot be combined with --provider external: the server's own setting applies"
+            )
+        if self.provisioned > self.concurrency_limit:
+            raise UsageError(
+                f"--provisioned {self.provisioned} exceeds --concurrency-limit {self.concurrency_limit}; "
+                "lower --provisioned or raise --concurrency-limit"
+            )
+        if self.reserved_concurrency is not None and self.provisioned > self.reserved_concurrency:
+            raise UsageError(
+                f"--provisioned {self.provisioned} exceeds --reserved-concurrency {self.reserved_concurrency}; "
+                "provisioned environments count against reserved concurrency"
+            )
+        if self.reserved_concurrency is not None and self.reserved_concurrency > self.concurrency_limit:
+            raise UsageError(
+                f"--reserved-concurrency {self.reserved_concurrency} exceeds --concurrency-limit "
+                f"{self.concurrency_limit}; lower one or raise the other"
+            )
+        if self.init_delay_s >= self.init_limit_s:
+            raise UsageError(
+                f"--init-delay {format_duration(self.init_delay_s)} is not below --init-limit "
+                f"{format_duration(self.init_limit_s)}; every cold start would fail"
+            )
+
+    @classmethod
+    def from_strings(cls, raw: Mapping[str, Any]) -> "RunConfig":
+        """Build from CLI values (strings or None for "not given"), parsing each through its setting."""
+        values: dict[str, Any] = {}
+        for name, value in raw.items():
+            setting = SETTINGS_BY_NAME[name]
+            if value is None or (setting.multiple and not value):
+                continue
+            values[name] = setting.parse(value)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The configuration as recorded in run.json: no password anywhere."""
+        data = dataclasses.asdict(self)
+        if data.get("db_url"):
+            data["db_url"] = _redact(data["db_url"])
+        data["env_vars"] = {k: _mask_secret(k, v) for k, v in self.env_vars}
+        data["scale_rate"] = {"environments": self.scale_rate[0], "per_s": self.scale_rate[1]}
+        return data
+
+
+def _redact(url: str) -> str:
+    """Hide the password in a URL (user:****@host)."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:****@", url)
+
+
+def _mask_secret(key: str, value: str) -> str:
+    return "****" if re.search(r"PASS|SECRET|TOKEN|KEY", key, re.I) else _redact(value)
+
+
+redact_url = _redact

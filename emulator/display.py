@@ -1,0 +1,95 @@
+"""What the terminal shows: live progress while a run goes, and the summary table at the end (rich)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+
+class LiveDisplay:
+    """Live progress on stderr: elapsed time, arrivals, environments by state, connections, errors."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._live: Live | None = None
+        self._started = 0.0
+        self._duration = 0.0
+        self._phase = ""
+        self._line = Text("")
+
+    def start(self, config: Any, run_dir: Path) -> None:
+        self._started = time.monotonic()
+        self._duration = config.duration_s
+        self.console.print(f"[bold]lambdaemu run[/] → {run_dir}")
+        self._live = Live(self._render(), console=self.console, auto_refresh=False, transient=False)
+        self._live.start()
+
+    def phase(self, text: str) -> None:
+        self._phase = text
+        self._refresh()
+
+    def update(self, supervisor: Any, stats: Any, sampler: Any) -> None:
+        c = supervisor.snapshot()["counts"]
+        counters = stats.counters
+        last = sampler.last if sampler is not None else {}
+        conn = last.get("connections", "?")
+        max_conn = last.get("max_connections", "?")
+        self._line = Text.assemble(
+            (f"t={supervisor.now():6.1f}s ", "bold"),
+            f"invocations {counters['invocations']:>7}  ",
+            f"envs busy {c['busy']:>4} frozen {c['frozen']:>4} init {c['initialising']:>3}",
+            f" vanished {c['vanished']:>3}  " if c["vanished"] else "  ",
+            (f"connections {conn}/{max_conn}  ", "cyan"),
+            (f"errors {counters['errors']}  ", "red" if counters["errors"] else ""),
+            (f"throttles {counters['throttles']}", "yellow" if counters["throttles"] else ""),
+        )
+        self._refresh()
+
+    def _render(self) -> Group:
+        return Group(Text(f"[{self._phase}]", style="dim"), self._line)
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render(), refresh=True)
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
+    """The end-of-run table: the few numbers a team compares between runs."""
+    table = Table(title=f"lambdaemu {summary.get('run_id')} — {summary.get('status')}", show_header=False,
+                  title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    peak, limit = summary.get("peak_connections"), summary.get("max_connections")
+    errors = {k: v for k, v in summary.get("errors", {}).items() if k != "total"}
+    throttles = {k: v for k, v in summary.get("throttles", {}).items() if k != "total"}
+    latency = summary.get("latency_ms", {})
+    rows = [
+        ("rps (target → achieved)", f"{summary.get('target_rps')} → {summary.get('achieved_rps')}"),
+        ("invocations (ok)", f"{summary.get('invocations')} ({summary.get('ok')})"),
+        ("cold starts", str(summary.get("cold_starts"))),
+        ("peak environments", str(summary.get("peak_environments"))),
+        ("peak connections / max", Text(f"{peak} / {limit}", style="bold red" if limit and peak and
+                                        peak >= limit * 0.9 else "")),
+        ("errors", Text(", ".join(f"{k} {v}" for k, v in errors.items()) or "none",
+                        style="red" if errors else "green")),
+        ("throttles", ", ".join(f"{k} {v}" for k, v in throttles.items()) or "none"),
+        ("latency p50 / p95 / p99 ms", f"{latency.get('p50')} / {latency.get('p95')} / {latency.get('p99')}"),
+        ("run directory", str(run_dir)),
+    ]
+    if "peak_proxy_clients" in summary:
+        rows.insert(5, ("proxy clients / servers (peak)",
+                        f"{summary['peak_proxy_clients']} / {summary['peak_proxy_servers']}"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

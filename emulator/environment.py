@@ -1,0 +1,370 @@
+"""The worker side: the zygote that forks execution environments, and the environment's own life
+(init phase, then one invocation at a time).
+
+The zygote is a fresh interpreter started once per run, before the supervisor starts any thread. It
+imports the heavy libraries (drivers, SQLAlchemy, pools) and freezes its heap with `gc.freeze()`, so a
+forked environment shares those pages copy-on-write and starts in a couple of milliseconds. It never
+imports the handler: importing the handler module is the environment's init phase, and it must run in
+each environment, as it does in Lambda.
+
+Messages are pickled tuples over SOCK_SEQPACKET sockets (one message per datagram, no framing):
+
+supervisor → zygote   ("spawn", env_id, spec)        zygote → supervisor  ("spawned", env_id, pid) + fd
+                                                                          ("spawn_failed", env_id, message)
+                                                                          ("exited", pid, wait_status)
+supervisor → env      ("invoke", request_id, event, remaining_ms)
+env → supervisor      ("ready", init_ms)
+                      ("init_error", fatal, error_kind, error_type, message)
+                      ("result", request_id, status, error_kind, error_type, message, duration_ms)
+                      ("oom", rss_mb)
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import os
+import pickle
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import classify, exception_type_names
+
+MAX_MESSAGE = 1 << 16
+MESSAGE_LIMIT = 2000  # characters of an error message sent back (full traceback is in the env's log)
+
+#: Libraries imported into the zygote so environments inherit them instead of importing them cold.
+PRELOAD = (
+    "psycopg",
+    "psycopg_pool",
+    "pymysql",
+    "sqlalchemy",
+    "sqlalchemy.pool",
+    "sqlalchemy.dialects.postgresql.psycopg",
+    "sqlalchemy.dialects.mysql.pymysql",
+)
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What an environment needs to start: its handler, its function configuration and where to log."""
+
+    handler: str
+    env_vars: dict[str, str]
+    log_path: str
+    function_name: str = "lambdaemu-function"
+    memory_mb: int | None = None
+    init_delay_s: float = 0.0
+    cwd: str = field(default_factory=os.getcwd)
+
+
+class LambdaContext:
+    """The `context` argument handlers receive, with the attributes Lambda's Python runtime provides."""
+
+    def __init__(self, request_id: str, function_name: str, memory_mb: int | None, remaining_ms: float):
+        self.aws_request_id = request_id
+        self.function_name = function_name
+        self.function_version = "$LATEST"
+        self.invoked_function_arn = f"arn:aws:lambda:local:000000000000:function:{function_name}"
+        self.memory_limit_in_mb = str(memory_mb or 128)
+        self.log_group_name = f"/aws/lambda/{function_name}"
+        self.log_stream_name = f"lambdaemu/{os.getpid()}"
+        self._deadline = time.monotonic() + remaining_ms / 1000.0
+
+    def get_remaining_time_in_millis(self) -> int:
+        """Milliseconds left before the function timeout."""
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+# --- handler loading --------------------------------------------------------------------------------
+
+
+def split_handler(spec: str) -> tuple[str, str]:
+    """`module:function` or `path/to/file.py:function` → (module or path, function)."""
+    target, sep, func = spec.rpartition(":")
+    if not sep or not target or not func:
+        raise ValueError(spec)
+    return target, func
+
+
+def load_handler(spec: str) -> Callable[[Any, Any], Any]:
+    """Import the handler module (running its module-level code: the init phase) and return the function."""
+    target, func = split_handler(spec)
+    if target.endswith(".py"):
+        path = Path(target).resolve()
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot load {target}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module
+        # Let a handler file import its siblings, as Lambda's task root allows.
+        sys.path.insert(0, str(path.parent))
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    try:
+        return getattr(module, func)
+    except AttributeError:
+        raise _MissingFunction(f"module {target!r} has no function {func!r}") from None
+
+
+class _MissingFunction(ImportError):
+    pass
+
+
+# --- the environment --------------------------------------------------------------------------------
+
+
+def _send(sock: socket.socket, message: tuple) -> None:
+    sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _describe(exc: BaseException) -> tuple[str, str, str]:
+    names = exception_type_names(exc)
+    message = f"{type(exc).__name__}: {exc}"[:MESSAGE_LIMIT]
+    return classify(names, str(exc)), type(exc).__name__, message
+
+
+def _memory_watchdog(sock: socket.socket, limit_mb: int) -> None:
+    # Runs only while the environment is thawed, which is when it can allocate. Lambda ends an
+    # environment that exceeds its memory size; so does this, after telling the supervisor why.
+    page = os.sysconf("SC_PAGE_SIZE")
+    limit = limit_mb * 1024 * 1024
+    while True:
+        with open("/proc/self/statm") as fh:
+            rss = int(fh.read().split()[1]) * page
+        if rss > limit:
+            try:
+                _send(sock, ("oom", rss / 1024 / 1024))
+            finally:
+                os._exit(137)
+        time.sleep(0.01)
+
+
+def environment_main(sock: socket.socket, spec: EnvSpec) -> None:
+    """Run one execution environment: init (import the handler), then invocations until EOF."""
+    os.environ.update(spec.env_vars)
+    os.environ["AWS_LAMBDA_FUNCTION_NAME"] = spec.function_name
+    if spec.memory_mb:
+        os.environ["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] = str(spec.memory_mb)
+        threading.Thread(target=_memory_watchdog, args=(sock, spec.memory_mb), daemon=True,
+                         name="lambdaemu-memory").start()
+    started = time.perf_counter()
+    try:
+        if spec.init_delay_s:
+            time.sleep(spec.init_delay_s)  # the runtime's own start-up, before any user code
+        handler = load_handler(spec.handler)
+    except BaseException as exc:  # noqa: BLE001 - everything init raises is reported, as Lambda does
+        traceback.print_exc()
+        kind, type_name, message = _describe(exc)
+        fatal = isinstance(exc, (ImportError, SyntaxError)) and _is_handler_import_error(exc, spec.handler)
+        _send(sock, ("init_error", fatal, "init_error", type_name, message))
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1)
+    _send(sock, ("ready", (time.perf_counter() - started) * 1000))
+
+    while True:
+        data = sock.recv(MAX_MESSAGE)
+        if not data:
+            break  # the supervisor closed our socket: we were reclaimed
+        _, request_id, event, remaining_ms = pickle.loads(data)
+        context = LambdaContext(request_id, spec.function_name, spec.memory_mb, remaining_ms)
+        t0 = time.perf_counter()
+        try:
+            handler(event, context)
+            status, kind, type_name, message = "ok", "", "", ""
+        except Exception as exc:  # noqa: BLE001 - the invocation fails, the environment stays warm
+            traceback.print_exc()
+            status = "handler_error"
+            kind, type_name, message = _describe(exc)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _send(sock, ("result", request_id, status, kind, type_name, message, (time.perf_counter() - t0) * 1000))
+    os._exit(0)
+
+
+def _is_handler_import_error(exc: BaseException, handler: str) -> bool:
+    # The handler itself cannot be loaded (missing module, syntax error, missing function, a missing
+    # dependency) as opposed to init code failing at run time (e.g. a refused database connection).
+    if isinstance(exc, (_MissingFunction, SyntaxError, ModuleNotFoundError)):
+        return True
+    return isinstance(exc, ImportError)
+
+
+# --- the zygote ---------------------------------------------------------------------------------------
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+def _become_environment(control: socket.socket, child_sock: socket.socket, selector: Any,
+                        env_id: int, spec: EnvSpec) -> None:
+    # In the forked child: drop everything that belongs to the zygote, take our own process group (so
+    # the supervisor can kill whatever the handler spawns) and die with the zygote.
+    try:
+        selector.close()
+        control.close()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setpgid(0, 0)
+        _set_parent_death_signal(signal.SIGKILL)
+        fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        if spec.cwd and os.getcwd() != spec.cwd:
+            os.chdir(spec.cwd)
+        environment_main(child_sock, spec)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    finally:
+        os._exit(1)
+
+
+def zygote_main(control_fd: int) -> None:
+    """Preload libraries, then fork an environment for every spawn request until the supervisor leaves."""
+    _set_parent_death_signal(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    gc.collect()
+    gc.freeze()  # keep the preloaded heap out of the collector so forks share its pages
+
+    control = socket.socket(fileno=control_fd)
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ, "control")
+    selector.register(wake_r, selectors.EVENT_READ, "wake")
+    _send(control, ("zygote_ready", os.getpid()))
+
+    while True:
+        for key, _ in selector.select():
+            if key.data == "wake":
+                try:
+                    wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+                _reap(control)
+                continue
+            data = control.recv(MAX_MESSAGE)
+            if not data:
+                os._exit(0)
+            _, env_id, spec = pickle.loads(data)
+            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                parent_sock.close()
+                child_sock.close()
+                _send(control, ("spawn_failed", env_id, str(exc)))
+                continue
+            if pid == 0:
+                parent_sock.close()
+                wake_r.close()
+                wake_w.close()
+                _become_environment(control, child_sock, selector, env_id, spec)
+            child_sock.close()
+            socket.send_fds(control, [pickle.dumps(("spawned", env_id, pid))], [parent_sock.fileno()])
+            parent_sock.close()
+        _reap(control)
+
+
+def _reap(control: socket.socket) -> None:
+    # The zygote's only children are environments, so waitpid(-1) steals nobody's status.
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(control, ("exited", pid, status))
+
+
+if __name__ == "__main__":
+    zygote_main(int(sys.argv[1]))
+
+
+def check_handler(spec: str, cwd: str | None = None) -> None:
+    """Check, without running any of its code, that `spec` names an importable module (or file) that
+    defines the function. Raises UsageError naming --handler and the fix.
+
+    The module is not imported here: importing it is each environment's init phase, and its module
+    code may need the database, which is not started before the configuration is valid.
+    """
+    import ast
+
+    from .errors import UsageError
+
+    example = "e.g. workloads.sqlalchemy_pool:handler or handlers/app.py:handler"
+    try:
+        target, func = split_handler(spec)
+    except ValueError:
+        raise UsageError(f"--handler: {spec!r} is not module:function or path/to/file.py:function; {example}") from None
+    cwd = cwd or os.getcwd()
+    if target.endswith(".py"):
+        path = Path(cwd, target)
+        if not path.is_file():
+            raise UsageError(f"--handler: file {target!r} not found (relative to {cwd}); give an existing .py file")
+    else:
+        if cwd not in sys.path:
+            sys.path.insert(0, cwd)
+        try:
+            found = importlib.util.find_spec(target)
+        except (ImportError, ValueError) as exc:
+            found, reason = None, str(exc)
+        else:
+            reason = ""
+        if found is None:
+            raise UsageError(f"--handler: module {target!r} cannot be found{f' ({reason})' if reason else ''}; "
+                             f"check the name and the current directory, or give path/to/file.py:function")
+        if not found.origin or not found.origin.endswith(".py"):
+            return  # a compiled or namespace module: nothing to read, the environments will tell
+        path = Path(found.origin)
+    source = path.read_text()
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as exc:
+        raise UsageError(f"--handler: {path}:{exc.lineno}: syntax error ({exc.msg}); fix the handler module") from None
+    names: set[str] = set()
+    star = False
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                star = star or alias.name == "*"
+                names.add((alias.asname or alias.name).split(".")[0])
+        elif isinstance(node, (ast.If, ast.Try)):
+            star = True  # conditional definitions: leave the final word to the environment
+    if func not in names and not star:
+        raise UsageError(f"--handler: {target} has no function {func!r}; define def {func}(event, context) "
+                         f"there or name an existing function")
