@@ -177,6 +177,8 @@ def server_user() -> pwd.struct_passwd | None:
 def make_workdir(run_id: str, kind: str) -> Path:
     """A private working directory for one server of one run, owned by the server user."""
     path = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{run_id}-{kind}-"))
+    # Who made it, so `lambdaemu cleanup` can tell a leftover from a directory in use.
+    (path / "owner.pid").write_text(f"{os.getpid()} {time.time():.0f}\n")
     user = server_user()
     if user is not None:
         os.chown(path, user.pw_uid, user.pw_gid)

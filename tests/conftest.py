@@ -1,0 +1,96 @@
+"""Shared fixtures: one real embedded PostgreSQL for the session, and a helper that runs a scenario
+through the real runner (real zygote, real environment processes) and reads back the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+from typing import Any, Iterable
+
+import psutil
+import pytest
+
+from emulator import load
+from emulator.config import RunConfig
+from emulator.databases.postgres import ADMIN_USER, PostgresServer
+from emulator.results import read_csv
+from emulator.runner import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterable[PostgresServer]:
+    """An embedded PostgreSQL server shared by the tests that only need *a* database."""
+    with PostgresServer(provider="embedded", run_id="tests", max_connections=60) as db:
+        yield db
+
+
+class Scenario:
+    """A finished run: its result, and its CSV files as lists of dicts."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+        self.dir = result.run_dir
+        self.invocations = read_csv(self.dir / "invocations.csv")
+        self.environments = read_csv(self.dir / "environments.csv")
+        self.samples = read_csv(self.dir / "samples.csv")
+        self.summary = json.loads((self.dir / "summary.json").read_text())
+        self.run = json.loads((self.dir / "run.json").read_text())
+
+    def statuses(self) -> list[str]:
+        return [r["status"] for r in sorted(self.invocations, key=lambda r: int(r["seq"]))]
+
+
+def write_handler(tmp_path: Path, code: str, name: str = "handler_under_test.py") -> str:
+    """Write a handler module and return its --handler spec."""
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(code))
+    return f"{path}:handler"
+
+
+@pytest.fixture
+def scenario(tmp_path: Path, postgres: PostgresServer):
+    """Run `arrivals` (offsets in seconds) through the real runner against the session database."""
+
+    def _run(arrivals: list[float], *, handler: str | None = None, **settings: Any) -> Scenario:
+        settings.setdefault("init_delay_s", 0)
+        settings.setdefault("sample_interval_s", 0.2)
+        config = RunConfig(provider="external", db_url=postgres.url, out=str(tmp_path / "run"),
+                           duration_s=max(arrivals, default=0) + 0.001, handler=handler or
+                           "workloads.sqlalchemy_pool:handler", **settings)
+        result = run(config, arrivals=load.fixed(arrivals), handle_signals=False)
+        assert_no_leftovers()
+        return Scenario(result)
+
+    return _run
+
+
+def emulator_processes() -> list[psutil.Process]:
+    """Zygotes and environments (they share the zygote's command line) still alive."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "zygote_main" in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def assert_no_leftovers() -> None:
+    """No environment or zygote process outlives a run."""
+    gone, alive = psutil.wait_procs(emulator_processes(), timeout=5)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+
+
+def admin_rows(db: PostgresServer, sql: str) -> list[tuple]:
+    """Run a query as the server's superuser."""
+    with db.admin_connect() as conn:
+        return conn.execute(sql).fetchall()
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    return env
