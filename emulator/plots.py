@@ -67,7 +67,8 @@ def chart(run_dir: Path, path: Path | None = None) -> Path:
             if any(values):
                 ax_env.step(t, values, where="post", color=colour, label=key.replace("envs_", ""))
     ax_env.set_ylabel("environments")
-    ax_env.legend(loc="upper left", fontsize=8, ncol=4)
+    if ax_env.get_legend_handles_labels()[0]:
+        ax_env.legend(loc="upper left", fontsize=8, ncol=4)
     ax_env.grid(alpha=0.3)
 
     per_second: dict[str, Counter[int]] = defaultdict(Counter)
@@ -87,7 +88,8 @@ def chart(run_dir: Path, path: Path | None = None) -> Path:
             bottom = [b + y for b, y in zip(bottom, ys)]
     ax_inv.set_ylabel("invocations / s")
     ax_inv.set_xlabel("seconds since run start")
-    ax_inv.legend(loc="upper left", fontsize=8, ncol=4)
+    if per_second:
+        ax_inv.legend(loc="upper left", fontsize=8, ncol=4)
     ax_inv.grid(alpha=0.3)
 
     fig.tight_layout()

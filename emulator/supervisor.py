@@ -514,8 +514,9 @@ class Supervisor:
         if env.state in self.counts:
             self.counts[env.state] -= 1
         env.state = ENDED
+        # A vanished environment left the function when it vanished; the run's end only kills it.
         env.end_reason = env.end_reason or reason
-        env.ended_at = self.now()
+        env.ended_at = env.ended_at if env.ended_at is not None else self.now()
         self._close_socket(env)
         if signal_ is not None:
             _signal_group(env.pid, signal_)

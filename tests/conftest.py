@@ -58,9 +58,10 @@ def scenario(tmp_path: Path, postgres: PostgresServer):
     def _run(arrivals: list[float], *, handler: str | None = None, **settings: Any) -> Scenario:
         settings.setdefault("init_delay_s", 0)
         settings.setdefault("sample_interval_s", 0.2)
-        config = RunConfig(provider="external", db_url=postgres.url, out=str(tmp_path / "run"),
-                           duration_s=max(arrivals, default=0) + 0.001, handler=handler or
-                           "workloads.sqlalchemy_pool:handler", **settings)
+        if settings.get("provider", "external") == "external":
+            settings.update(provider="external", db_url=postgres.url)
+        config = RunConfig(out=str(tmp_path / "run"), duration_s=max(arrivals, default=0) + 0.001,
+                           handler=handler or "workloads.sqlalchemy_pool:handler", **settings)
         result = run(config, arrivals=load.fixed(arrivals), handle_signals=False)
         assert_no_leftovers()
         return Scenario(result)
