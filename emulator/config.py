@@ -214,7 +214,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("init_delay_s", "--init-delay", "duration", 0.1,
             "Extra runtime-init time added to every cold start, before the handler module is imported.",
             "lifecycle", minimum=0, expect=f"a duration of zero or more; {_DUR}",
-            source="~100 ms Python runtime init (public cold-start measurements: see README)"),
+            source="~100 ms: Python hello-world Init Duration in public cold-start benchmarks (see README)"),
     Setting("init_limit_s", "--init-limit", "duration", 10.0,
             "Longest init phase; an init past it fails the invocation (status timeout).", "lifecycle",
             minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}",
@@ -387,3 +387,27 @@ def _mask_secret(key: str, value: str) -> str:
 
 
 redact_url = _redact
+
+
+# --- documentation from the same table ----------------------------------------------------------------
+
+GROUP_TITLES = {"load": "Load", "function": "Function", "lifecycle": "Lifecycle", "database": "Database",
+                "output": "Output"}
+
+
+def settings_markdown() -> str:
+    """The README's table of `lambdaemu run` options, generated from SETTINGS (a test keeps them equal)."""
+    lines = ["| option | default | what it does |", "|---|---|---|"]
+    for setting in SETTINGS:
+        choices = f" One of: {', '.join(setting.choices)}." if setting.choices else ""
+        lines.append(f"| `{setting.flag}` | {setting.default_text()} | {setting.help}{choices} |")
+    return "\n".join(lines)
+
+
+def lifecycle_markdown() -> str:
+    """The README's lifecycle table: behaviour → flag → default → where the default comes from."""
+    lines = ["| behaviour | flag | default | where the default comes from |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        if setting.source:
+            lines.append(f"| {setting.help} | `{setting.flag}` | {setting.default_text()} | {setting.source} |")
+    return "\n".join(lines)
