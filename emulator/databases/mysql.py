@@ -25,6 +25,8 @@ of clients that vanished without closing them (Lambda environments reclaimed in 
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -44,10 +46,11 @@ DEFAULT_MAX_CONNECTIONS = 151  # the engine's own default (MariaDB and MySQL)
 ADMIN_PORT_CONNECTIONS = 5
 
 # A throwaway server for connection experiments: small memory, no durability, few open files (so a
-# modest `ulimit -n` does not make the server lower max_connections).
+# modest `ulimit -n` does not make the server lower max_connections). The first two also shape the
+# data directory, so initialisation gets them too (a 96 MB redo log per run otherwise).
+_INIT_OPTIONS = ("--innodb-buffer-pool-size=16M", "--innodb-log-file-size=8M")
 _LEAN_OPTIONS = (
-    "--innodb-buffer-pool-size=16M",
-    "--innodb-log-file-size=8M",
+    *_INIT_OPTIONS,
     "--innodb-flush-log-at-trx-commit=0",
     "--innodb-doublewrite=0",
     # io_uring/libaio contexts are a limited per-host resource; many servers per host do not need them.
@@ -139,11 +142,13 @@ class MySQLServer(Database):
 
     @property
     def log_path(self) -> Path:
+        """The server's log (stdout and stderr) in its work directory."""
         assert self.workdir is not None
         return self.workdir / "mysqld.log"
 
     @property
     def socket_path(self) -> Path:
+        """The Unix socket, used only to create the accounts right after initialisation."""
         assert self.workdir is not None
         return self.workdir / "mysqld.sock"
 
@@ -187,7 +192,7 @@ class MySQLServer(Database):
 
     def _initialise(self, datadir: Path) -> None:
         user = server_user()
-        user_name = user.pw_name if user else _current_user()
+        user_name = user.pw_name if user else pwd.getpwuid(os.geteuid()).pw_name
         if self.flavour == "MariaDB":
             install_db = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
             if install_db is None:
@@ -195,10 +200,10 @@ class MySQLServer(Database):
                                  "run scripts/install-system-deps or apt-get install mariadb-server")
             # normal authentication: root@localhost gets an empty password, replaced in _create_accounts.
             argv = [install_db, "--no-defaults", "--auth-root-authentication-method=normal", "--skip-test-db",
-                    f"--datadir={datadir}", f"--user={user_name}", *_LEAN_OPTIONS[:2]]
+                    f"--datadir={datadir}", f"--user={user_name}", *_INIT_OPTIONS]
         else:
             argv = [str(self.server_binary), "--no-defaults", "--initialize-insecure", f"--datadir={datadir}",
-                    f"--user={user_name}", *_LEAN_OPTIONS[:2]]
+                    f"--user={user_name}", *_INIT_OPTIONS]
         run_as_server_user(argv, log_path=self.log_path, timeout=120)
 
     def _server_argv(self, datadir: Path) -> list[str]:
@@ -327,13 +332,6 @@ class ExternalMySQL(Database):
 
     def _stop(self) -> None:
         pass
-
-
-def _current_user() -> str:
-    import pwd
-    import os
-
-    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def _pymysql() -> Any:

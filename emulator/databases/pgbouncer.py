@@ -1,0 +1,352 @@
+"""PgBouncer in front of a PostgreSQL provider: the local stand-in for Amazon RDS Proxy.
+
+Handlers connect to PgBouncer (its `url`, `handler_env()`); PgBouncer holds the connections to the
+PostgreSQL server. Debian's `/usr/sbin/pgbouncer` is started with a generated ini in a private work
+directory labelled with the run id, listening on 127.0.0.1 on a free port.
+
+How the RDS Proxy target-group settings map onto PgBouncer (`M` = the backend's max_connections):
+
+| RDS Proxy                          | PgBouncer                                   | fidelity |
+|------------------------------------|---------------------------------------------|----------|
+| MaxConnectionsPercent (100)        | max_db_connections = default_pool_size = floor(pct × M / 100) | exact cap on server connections |
+| ConnectionBorrowTimeout (120 s)    | query_wait_timeout                          | close: a client waiting longer for a server connection gets an error ("query_wait_timeout") and is disconnected; RDS Proxy returns a timeout error |
+| IdleClientTimeout (1800 s)         | client_idle_timeout                         | close: idle client connections are closed |
+| MaxIdleConnectionsPercent (half of MaxConnectionsPercent: 50) | min_pool_size = floor(pct × M / 100) (capped at the pool size) and server_idle_timeout (`server_idle_timeout_s`, default 60 s) | APPROXIMATE, see below |
+| multiplexing                       | pool_mode = transaction                     | close: a server connection is lent per transaction; RDS Proxy also "pins" sessions that use session state, PgBouncer never pins (SET outside a transaction leaks between clients) |
+
+MaxIdleConnectionsPercent approximation: RDS Proxy keeps at most pct × M / 100 *idle* server
+connections and closes idle ones above that. PgBouncer has no cap on idle connections; instead it
+closes a server connection idle for server_idle_timeout seconds as long as the pool stays at or above
+min_pool_size. So after a burst the pool shrinks to min_pool_size within about server_idle_timeout
+(RDS Proxy's own pace of closing excess idle connections is not documented; 60 s is an assumption), and
+never below it. Unlike RDS Proxy, PgBouncer also *opens* connections to reach min_pool_size once a
+client has used the pool, so at rest the backend sees min_pool_size idle connections from the proxy.
+
+Authentication: PostgreSQL authenticates with SCRAM-SHA-256 (initdb --auth-host=scram-sha-256), so
+PgBouncer must be able to log in to it with SCRAM. It can do that from a plain-text password or, with
+a copied SCRAM secret, only by passing a client's own SCRAM proof through, which fails for connections
+PgBouncer opens on its own (min_pool_size) and needs the secrets kept identical to pg_authid. So
+`auth_file` holds the run's random passwords in plain text (mode 0600, inside the private work directory,
+deleted with it) and clients authenticate to PgBouncer with `auth_type = scram-sha-256`: no password
+crosses the socket, and the server login works for every connection PgBouncer opens.
+
+The admin console (database `pgbouncer`, user `lambdaemu_admin`, which exists only in PgBouncer) speaks
+the simple query protocol only: `admin_connect()` returns a psycopg connection whose cursors send
+queries client-side bound (`psycopg.ClientCursor`), which uses the simple protocol.
+
+PgBouncer 1.18 (Debian 12) does not support protocol-level prepared statements in transaction mode:
+psycopg handlers must connect with `prepare_threshold=None`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import DatabaseStartError, UsageError
+from .base import (ConnectionRow, Database, ProxyStats, chown_tree, free_port, log_tail, make_workdir,
+                   random_password, remove_workdir, spawn_server, stop_process, wait_ready)
+
+ADMIN_USER = "lambdaemu_admin"
+CONSOLE_DB = "pgbouncer"
+#: Client connections PgBouncer accepts (RDS Proxy has no documented small limit; the fd limit does).
+MAX_CLIENT_CONN = 10_000
+#: Assumed pace at which RDS Proxy closes idle server connections above MaxIdleConnectionsPercent.
+DEFAULT_SERVER_IDLE_TIMEOUT_S = 60.0
+# File descriptors PgBouncer needs beyond one per client and one per server connection (listen
+# sockets, log, DNS, the console).
+_FD_MARGIN = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxySettings:
+    """RDS Proxy target-group settings, with RDS Proxy's defaults."""
+
+    max_connections_percent: int = 100
+    #: None means RDS Proxy's default: half of max_connections_percent (50 when that is 100).
+    max_idle_connections_percent: int | None = None
+    connection_borrow_timeout_s: float = 120.0
+    idle_client_timeout_s: float = 1800.0
+    #: Not an RDS setting: how long an idle server connection above min_pool_size lives (see module doc).
+    server_idle_timeout_s: float = DEFAULT_SERVER_IDLE_TIMEOUT_S
+
+    @property
+    def idle_percent(self) -> int:
+        """MaxIdleConnectionsPercent with RDS Proxy's default applied."""
+        if self.max_idle_connections_percent is None:
+            return self.max_connections_percent // 2
+        return self.max_idle_connections_percent
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first bad setting and the accepted range."""
+        if not 1 <= self.max_connections_percent <= 100:
+            raise UsageError(f"MaxConnectionsPercent (max_connections_percent) {self.max_connections_percent}: "
+                             "expected a whole number from 1 to 100")
+        if not 0 <= self.idle_percent <= self.max_connections_percent:
+            raise UsageError(f"MaxIdleConnectionsPercent (max_idle_connections_percent) "
+                             f"{self.idle_percent}: expected 0 to MaxConnectionsPercent "
+                             f"({self.max_connections_percent}), as RDS Proxy requires")
+        for name, rds, value in (("connection_borrow_timeout_s", "ConnectionBorrowTimeout", self.connection_borrow_timeout_s),
+                                 ("idle_client_timeout_s", "IdleClientTimeout", self.idle_client_timeout_s),
+                                 ("server_idle_timeout_s", "server_idle_timeout", self.server_idle_timeout_s)):
+            if value < 0:
+                raise UsageError(f"{rds} ({name}) {value:g}: expected seconds >= 0 (0 disables it)")
+
+
+@dataclass(frozen=True)
+class PgBouncerSettings:
+    """The PgBouncer values derived from `ProxySettings` and the backend's max_connections."""
+
+    max_db_connections: int
+    default_pool_size: int
+    min_pool_size: int
+    server_idle_timeout: float
+    query_wait_timeout: float
+    client_idle_timeout: float
+    max_client_conn: int
+    pool_mode: str = "transaction"
+
+    @classmethod
+    def from_proxy(cls, proxy: ProxySettings, backend_max_connections: int, max_client_conn: int) -> "PgBouncerSettings":
+        """Apply the mapping documented in the module docstring."""
+        pool = max(1, math.floor(proxy.max_connections_percent * backend_max_connections / 100))
+        idle = min(pool, math.floor(proxy.idle_percent * backend_max_connections / 100))
+        return cls(max_db_connections=pool, default_pool_size=pool, min_pool_size=idle,
+                   server_idle_timeout=proxy.server_idle_timeout_s,
+                   query_wait_timeout=proxy.connection_borrow_timeout_s,
+                   client_idle_timeout=proxy.idle_client_timeout_s, max_client_conn=max_client_conn)
+
+    #: Where each PgBouncer value comes from, for describe().
+    SOURCES = {
+        "max_db_connections": "MaxConnectionsPercent",
+        "default_pool_size": "MaxConnectionsPercent",
+        "min_pool_size": "MaxIdleConnectionsPercent (approximation)",
+        "server_idle_timeout": "MaxIdleConnectionsPercent (approximation; assumed pace)",
+        "query_wait_timeout": "ConnectionBorrowTimeout",
+        "client_idle_timeout": "IdleClientTimeout",
+        "max_client_conn": "(RDS Proxy: no fixed client limit)",
+        "pool_mode": "multiplexing",
+    }
+
+
+def find_pgbouncer() -> Path:
+    """The pgbouncer binary (PATH, then /usr/sbin), or a UsageError saying how to get it."""
+    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
+    if found is None:
+        raise UsageError("--proxy pgbouncer: no pgbouncer binary found (looked in PATH and /usr/sbin); "
+                         "run scripts/install-system-deps or apt-get install pgbouncer")
+    return Path(found)
+
+
+class PgBouncer(Database):
+    """PgBouncer in front of a PostgreSQL `Database`, configured from RDS Proxy settings.
+
+    Handler-facing facts (`url`, `handler_env()`, host/port/user/password/dbname) point at PgBouncer;
+    `max_connections` is the backend's. The sampler uses two connections: `backend.admin_connect()` for
+    `connections()` (the server's view) and `admin_connect()` (the PgBouncer console) for `stats()`.
+    The backend is started and stopped by the caller unless `owns_backend` is true.
+    """
+
+    engine = "postgres"
+
+    def __init__(self, backend: Database, run_id: str, *, max_connections_percent: int = 100,
+                 max_idle_connections_percent: int | None = None, connection_borrow_timeout_s: float = 120.0,
+                 idle_client_timeout_s: float = 1800.0,
+                 server_idle_timeout_s: float = DEFAULT_SERVER_IDLE_TIMEOUT_S,
+                 owns_backend: bool = False, binary: Path | None = None) -> None:
+        super().__init__()
+        if backend.engine != "postgres":
+            raise UsageError(f"--proxy pgbouncer: PgBouncer speaks PostgreSQL, not {backend.engine}; "
+                             "use --engine postgres or drop --proxy")
+        self.backend = backend
+        self.run_id = run_id
+        self.proxy = ProxySettings(max_connections_percent=max_connections_percent,
+                                   max_idle_connections_percent=max_idle_connections_percent,
+                                   connection_borrow_timeout_s=connection_borrow_timeout_s,
+                                   idle_client_timeout_s=idle_client_timeout_s,
+                                   server_idle_timeout_s=server_idle_timeout_s)
+        self.proxy.validate()
+        self.owns_backend = owns_backend
+        self.binary = binary or find_pgbouncer()
+        self.provider = backend.provider
+        self.settings: PgBouncerSettings | None = None
+        self.admin_password = ""
+        self.workdir: Path | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        """PgBouncer's log (it logs to stderr) in its work directory."""
+        assert self.workdir is not None
+        return self.workdir / "pgbouncer.log"
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self.owns_backend:
+            self.backend.start()
+        if not self.backend.max_connections:
+            raise DatabaseStartError("PgBouncer needs a started backend (its max_connections is unknown); "
+                                     "start the PostgreSQL provider first or pass owns_backend=True")
+        self.user, self.password, self.dbname = self.backend.user, self.backend.password, self.backend.dbname
+        self.max_connections = self.backend.max_connections
+        self.version = subprocess.run([str(self.binary), "--version"], capture_output=True,
+                                      text=True).stdout.splitlines()[0].strip()
+        pool = max(1, math.floor(self.proxy.max_connections_percent * self.max_connections / 100))
+        nofile = _fd_limit_for(MAX_CLIENT_CONN + pool + _FD_MARGIN)
+        self.settings = PgBouncerSettings.from_proxy(self.proxy, self.max_connections,
+                                                     max_client_conn=max(1, min(MAX_CLIENT_CONN, nofile - pool - _FD_MARGIN)))
+        self.workdir = make_workdir(self.run_id, "pgbouncer")
+        self.admin_password = random_password()
+        auth_file = self.workdir / "userlist.txt"
+        auth_file.write_text(f'"{self.user}" "{self.password}"\n"{ADMIN_USER}" "{self.admin_password}"\n')
+        auth_file.chmod(0o600)
+        for attempt in range(3):  # a free port can be taken between choosing and binding it
+            self.port = free_port()
+            ini = self.workdir / "pgbouncer.ini"
+            ini.write_text(self._ini(auth_file))
+            chown_tree(self.workdir)
+            with _soft_nofile(nofile):  # the child inherits the limit at fork
+                self.proc = spawn_server([str(self.binary), str(ini)], self.log_path, cwd=self.workdir)
+            try:
+                wait_ready(self._check_app, what="PgBouncer", timeout_s=30,
+                           retry_on=(_psycopg().OperationalError,), proc=self.proc, log_path=self.log_path,
+                           hint="check the generated pgbouncer.ini and that the PostgreSQL backend accepts the app user")
+                break
+            except DatabaseStartError:
+                stop_process(self.proc)
+                if attempt == 2 or "in use" not in log_tail(self.log_path, 20):
+                    raise
+
+    def _ini(self, auth_file: Path) -> str:
+        s = self.settings
+        assert s is not None and self.workdir is not None
+        backend = self.backend
+        pgbouncer = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": self.port,
+            "unix_socket_dir": "",  # TCP only: a socket file in /tmp would outlive a killed run
+            "auth_type": "scram-sha-256",
+            "auth_file": auth_file,
+            "admin_users": ADMIN_USER,
+            "stats_users": ADMIN_USER,
+            "pool_mode": s.pool_mode,
+            "max_client_conn": s.max_client_conn,
+            "default_pool_size": s.default_pool_size,
+            "max_db_connections": s.max_db_connections,
+            "min_pool_size": s.min_pool_size,
+            "reserve_pool_size": 0,  # RDS Proxy has no reserve beyond MaxConnectionsPercent
+            "server_idle_timeout": f"{s.server_idle_timeout:g}",
+            "query_wait_timeout": f"{s.query_wait_timeout:g}",
+            "client_idle_timeout": f"{s.client_idle_timeout:g}",
+            # Drivers send these in the startup packet (JDBC extra_float_digits, libpq options);
+            # PgBouncer would otherwise refuse the connection.
+            "ignore_startup_parameters": "extra_float_digits,options",
+            # One line per client connection at hundreds of connections per second says nothing the
+            # console does not; errors sent to clients (query_wait_timeout, ...) are still logged.
+            "log_connections": 0,
+            "log_disconnections": 0,
+        }
+        lines = ["[databases]",
+                 f"{self.dbname} = host={backend.host} port={backend.port} dbname={backend.dbname}",
+                 "", "[pgbouncer]"]
+        lines += [f"{key} = {value}" for key, value in pgbouncer.items()]
+        return "\n".join(lines) + "\n"
+
+    def _check_app(self) -> None:
+        # Ready means the handlers' account got a real answer from PostgreSQL through PgBouncer.
+        with _psycopg().connect(self.url, connect_timeout=5, prepare_threshold=None) as conn:
+            conn.execute("SELECT 1")
+
+    def _stop(self) -> None:
+        # SIGTERM is PgBouncer's immediate shutdown (SIGINT would wait for clients, frozen ones included).
+        stop_process(self.proc)
+        remove_workdir(self.workdir)
+        if self.owns_backend:
+            self.backend.stop()
+
+    # -- what handlers and the sampler use -------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["proxy"] = {
+            "kind": "pgbouncer",
+            "version": self.version,
+            "rds_proxy": {**asdict(self.proxy), "max_idle_connections_percent": self.proxy.idle_percent},
+            "settings": ({name: {"value": value, "from": PgBouncerSettings.SOURCES[name]}
+                          for name, value in asdict(self.settings).items()} if self.settings else {}),
+        }
+        info["backend"] = self.backend.describe()
+        info["version"] = self.backend.version
+        return info
+
+    def admin_connect(self) -> Any:
+        """A connection to the PgBouncer admin console (SHOW POOLS, SHOW CLIENTS, ...)."""
+        psycopg = _psycopg()
+        return psycopg.connect(host=self.host, port=self.port, user=ADMIN_USER, password=self.admin_password,
+                               dbname=CONSOLE_DB, connect_timeout=5, autocommit=True, prepare_threshold=None,
+                               cursor_factory=psycopg.ClientCursor)
+
+    def connections(self, conn: Any) -> list[ConnectionRow]:
+        """The backend's server-side connections; `conn` comes from `backend.admin_connect()`."""
+        return self.backend.connections(conn)
+
+    def stats(self, conn: Any | None = None) -> ProxyStats:
+        """Client and server connections of the app database now, from the console (`conn` from
+        `admin_connect()`; a short-lived one is opened when omitted)."""
+        if conn is None:
+            with self.admin_connect() as own:
+                return self.stats(own)
+        pools = [p for p in _show(conn, "SHOW POOLS") if p["database"] == self.dbname]
+        clients = [c for c in _show(conn, "SHOW CLIENTS") if c["database"] == self.dbname]
+        return ProxyStats(
+            client_connections=sum(_sum_prefixed(p, "cl_") for p in pools),
+            server_connections=sum(_sum_prefixed(p, "sv_") for p in pools),
+            waiting_clients=sum(int(p.get("cl_waiting") or 0) for p in pools),
+            max_wait_ms=max((int(p.get("maxwait") or 0) * 1000 + int(p.get("maxwait_us") or 0) / 1000 for p in pools),
+                            default=0.0),
+            client_ports=tuple(sorted(int(c["port"]) for c in clients if c.get("port") is not None)),
+        )
+
+
+def _show(conn: Any, command: str) -> list[dict[str, Any]]:
+    with conn.cursor() as cur:
+        cur.execute(command)
+        names = [col.name for col in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def _sum_prefixed(pool: dict[str, Any], prefix: str) -> int:
+    # Every cl_* / sv_* column is a count of connections in one state; versions add states
+    # (cl_active_cancel_req, sv_being_canceled, ...), so sum whatever this version reports.
+    return sum(int(value or 0) for key, value in pool.items() if key.startswith(prefix))
+
+
+def _fd_limit_for(wanted: int) -> int:
+    """The open-files limit PgBouncer can have: `wanted`, or the hard limit if that is lower."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+@contextlib.contextmanager
+def _soft_nofile(limit: int) -> Iterator[None]:
+    """Raise the soft open-files limit while a child is forked, then restore ours."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft >= limit:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _psycopg() -> Any:
+    import psycopg
+
+    return psycopg
