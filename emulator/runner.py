@@ -59,8 +59,15 @@ class Display(Protocol):
 def function_env(config: RunConfig, db: databases.Database) -> dict[str, str]:
     """The function's environment variables: the database, the pool settings, then --env overrides."""
     env = db.handler_env()
-    env.update(POOL_MAX=str(config.pool_max), WORK_SECONDS=f"{config.work_s:g}",
+    env.update(POOL_MAX=str(config.pool_max), WORK_SECONDS=f"{config.work_s:g}", WORK_DIST=config.work_dist,
+               QUERIES=str(config.queries), PARALLEL_QUERIES=str(config.parallel_queries),
                FUNCTION_TIMEOUT_SECONDS=f"{config.timeout_s:g}")
+    # Unset pool settings stay unset, so each library keeps its own default.
+    optional = {"POOL_MIN": config.pool_min, "POOL_IDLE_SECONDS": config.pool_idle_s,
+                "POOL_LIFETIME_SECONDS": config.pool_lifetime_s, "POOL_TIMEOUT_SECONDS": config.pool_timeout_s}
+    env.update({key: f"{value:g}" for key, value in optional.items() if value is not None})
+    if config.proxy != "none":
+        env["DB_PROXY"] = config.proxy
     env.update(dict(config.env_vars))
     return env
 
@@ -130,8 +137,8 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
             db.start()
         results.update(database=db.describe())
         supervisor.handler_env = function_env(config, db)
-        sampler = Sampler(db, supervisor, stats, results.samples, interval_s=config.sample_interval_s,
-                          proxy=getattr(db, "proxy", None))
+        sampler = Sampler(databases.database_view(db), supervisor, stats, results.samples,
+                          interval_s=config.sample_interval_s, proxy=db if config.proxy != "none" else None)
         sampler.start()
         in_loop.set()
         if received:

@@ -139,30 +139,44 @@ class Sampler(threading.Thread):
                 self._conn = self.db.admin_connect()
             rows = self.db.connections(self._conn)
             states = Counter(r.state for r in rows)
-            held = attribute(rows, snap["by_id"], snap["by_pid"], lambda: local_port_owners(self.db.port))
             row.update(connections=len(rows), active=states["active"], idle=states["idle"],
-                       idle_in_transaction=states["idle_in_transaction"], other=states["other"],
-                       held_busy=held["busy"], held_frozen=held["frozen"],
-                       held_initialising=held["initialising"], held_vanished=held["vanished"],
-                       held_unknown=held["unknown"] + held["ended"])
+                       idle_in_transaction=states["idle_in_transaction"], other=states["other"])
+            if self.proxy is None:
+                self._attribute(row, rows, snap, self.db.port)
         except Exception as exc:  # noqa: BLE001 - one failed poll must not end the run
-            errors.append(f"database: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+            errors.append(f"database: {_first_line(exc)}")
             self._conn = _close_quietly(self._conn)
         if self.proxy is not None:
+            # Behind a proxy the server's connections belong to the proxy; what environments hold are
+            # their client connections to it, so those are what the held_* columns attribute.
             try:
                 if self._proxy_conn is None:
                     self._proxy_conn = self.proxy.admin_connect()
                 stats = self.proxy.stats(self._proxy_conn)
                 row.update(proxy_clients=stats.client_connections, proxy_servers=stats.server_connections,
                            proxy_waiting=stats.waiting_clients, proxy_max_wait_ms=round(stats.max_wait_ms, 1))
+                clients = [ConnectionRow("", port) for port in stats.client_ports]
+                self._attribute(row, clients, snap, self.proxy.port)
             except Exception as exc:  # noqa: BLE001
-                errors.append(f"proxy: {exc}")
+                errors.append(f"proxy: {_first_line(exc)}")
                 self._proxy_conn = _close_quietly(self._proxy_conn)
         row["sample_error"] = "; ".join(errors)[:300]
         self.writer.write([row[c] for c in SAMPLE_COLUMNS])
         self.last = row
         self.samples += 1
         return row
+
+
+    @staticmethod
+    def _attribute(row: dict[str, Any], rows: list[ConnectionRow], snap: dict[str, Any], port: int) -> None:
+        held = attribute(rows, snap["by_id"], snap["by_pid"], lambda: local_port_owners(port))
+        row.update(held_busy=held["busy"], held_frozen=held["frozen"], held_initialising=held["initialising"],
+                   held_vanished=held["vanished"], held_unknown=held["unknown"] + held["ended"])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _close_quietly(conn: Any) -> None:
