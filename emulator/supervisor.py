@@ -43,6 +43,9 @@ THROTTLE_REASONS = {
     "scale_rate": "TooManyRequestsException (Rate Exceeded: scaling rate)",
 }
 
+#: Environment variable naming the run that started a zygote and its environments.
+RUN_ID_VARIABLE = "LAMBDAEMU_RUN_ID"
+
 #: How long the shutdown waits for environments to exit after SIGTERM before SIGKILL.
 STOP_GRACE_S = 2.0
 
@@ -193,7 +196,9 @@ class Supervisor:
              "zygote_main(int(sys.argv[1]))", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], start_new_session=True, stdin=subprocess.DEVNULL,
             stdout=open(self.logs_dir / "zygote.log", "ab"), stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": _pythonpath()},
+            # The run id in the zygote's environment labels it and every environment forked from it
+            # (/proc/<pid>/environ), so leftovers of a run can be told from another run's processes.
+            env={**os.environ, "PYTHONPATH": _pythonpath(), RUN_ID_VARIABLE: self.run_id},
             preexec_fn=_die_with_parent,
         )
         theirs.close()

@@ -17,6 +17,7 @@ from emulator.config import RunConfig
 from emulator.databases.postgres import ADMIN_USER, PostgresServer
 from emulator.results import read_csv
 from emulator.runner import run
+from emulator.supervisor import RUN_ID_VARIABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,25 +64,31 @@ def scenario(tmp_path: Path, postgres: PostgresServer):
         config = RunConfig(out=str(tmp_path / "run"), duration_s=max(arrivals, default=0) + 0.001,
                            handler=handler or "workloads.sqlalchemy_pool:handler", **settings)
         result = run(config, arrivals=load.fixed(arrivals), handle_signals=False)
-        assert_no_leftovers()
-        return Scenario(result)
+        scenario = Scenario(result)
+        assert_no_leftovers(scenario.run["run_id"])
+        return scenario
 
     return _run
 
 
-def emulator_processes() -> list[psutil.Process]:
-    """Zygotes and environments (they share the zygote's command line) still alive."""
+def emulator_processes(run_id: str) -> list[psutil.Process]:
+    """The zygote and environments of run `run_id` still alive (labelled in their environment)."""
     found = []
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "zygote_main" in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc)
+        if "zygote_main" not in cmdline or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if proc.environ().get(RUN_ID_VARIABLE) == run_id:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     return found
 
 
-def assert_no_leftovers() -> None:
-    """No environment or zygote process outlives a run."""
-    gone, alive = psutil.wait_procs(emulator_processes(), timeout=5)
+def assert_no_leftovers(run_id: str) -> None:
+    """No environment or zygote process of run `run_id` outlives it."""
+    gone, alive = psutil.wait_procs(emulator_processes(run_id), timeout=5)
     assert not alive, f"left running: {[p.pid for p in alive]}"
 
 

@@ -69,7 +69,7 @@ def test_run_json_end_to_end(tmp_path):
     password_like = [line for line in (out / "run.json").read_text().splitlines() if "password" in line.lower()]
     assert not password_like
     assert not lambdaemu_servers(out)
-    assert_no_leftovers()
+    assert_no_leftovers(run["run_id"])
 
 
 @pytest.mark.parametrize("args, flag", [
