@@ -20,9 +20,11 @@ from emulator.cli import main
 LAMBDAEMU = [sys.executable, "-m", "emulator.cli"]
 
 
-def lambdaemu(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAMBDAEMU, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=cli_env())
+def lambdaemu(*args: str, cwd: Path, timeout: float = 120, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
+    env = cli_env()
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)  # where any server work directory of this run would be created
+    return subprocess.run([*LAMBDAEMU, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def lambdaemu_servers(run_dir: Path | None = None) -> set[int]:
@@ -91,15 +93,18 @@ def test_run_json_end_to_end(tmp_path):
     (["--scale-rate", "1000"], "--scale-rate"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_started(tmp_path, args, flag):
-    servers_before = lambdaemu_servers()
-    result = lambdaemu("run", *args, "--results-dir", str(tmp_path / "results"), cwd=tmp_path, timeout=60)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = lambdaemu("run", *args, "--results-dir", str(tmp_path / "results"), cwd=tmp_path, timeout=60,
+                       tmpdir=scratch)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert flag in lines[0]
     assert "secretpw" not in result.stderr
-    assert not (tmp_path / "results").exists()  # nothing started, nothing written
-    assert not lambdaemu_servers() - servers_before
+    # Nothing started, nothing written: no run directory, no server work directory.
+    assert not (tmp_path / "results").exists()
+    assert not list(scratch.iterdir())
 
 
 def test_handler_with_syntax_error_is_a_usage_error(tmp_path):
