@@ -11,7 +11,9 @@ Messages are pickled tuples over SOCK_SEQPACKET sockets (one message per datagra
 
 supervisor → zygote   ("spawn", env_id, spec)        zygote → supervisor  ("spawned", env_id, pid) + fd
                                                                           ("spawn_failed", env_id, message)
+                      ("warm", env_vars)                                  ("warmed", error or "")
                                                                           ("exited", pid, wait_status)
+zygote → parked env   ("spawn", env_id, spec)
 supervisor → env      ("invoke", request_id, event, remaining_ms)
 env → supervisor      ("ready", init_ms)
                       ("init_error", fatal, error_kind, error_type, message)
@@ -202,41 +204,193 @@ def _is_handler_import_error(exc: BaseException, handler: str) -> bool:
 
 # --- the zygote ---------------------------------------------------------------------------------------
 
+_LIBC: Any = None
+
 
 def _set_parent_death_signal(sig: int) -> None:
-    import ctypes
+    global _LIBC
+    if _LIBC is None:  # loaded once in the zygote, inherited by every fork
+        import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    _LIBC.prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
-def _become_environment(control: socket.socket, child_sock: socket.socket, selector: Any,
-                        env_id: int, spec: EnvSpec) -> None:
-    # In the forked child: drop everything that belongs to the zygote, take our own process group (so
-    # the supervisor can kill whatever the handler spawns) and die with the zygote.
+def warm_drivers(env_vars: dict[str, str]) -> None:
+    """Run the database drivers' connect paths once (then close everything), so the code and caches
+    they touch on first use are already in the zygote's frozen heap: environments then share those
+    pages instead of copying them on their first connection. No handler code runs here."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    url = make_url(env_vars["DATABASE_URL"])
+    mysql = env_vars.get("DB_ENGINE") == "mysql"
+    connect_args: dict[str, Any] = {}
+    if mysql:
+        import pymysql
+
+        pymysql.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                        database=url.database, connect_timeout=5).close()
+        url = url.set(drivername="mysql+pymysql")
+    else:
+        import psycopg
+
+        connect_args = {"prepare_threshold": None}  # PgBouncer in transaction mode cannot route them
+        psycopg.connect(url.render_as_string(hide_password=False), connect_timeout=5, **connect_args).close()
+        url = url.set(drivername="postgresql+psycopg")
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
     try:
-        selector.close()
-        control.close()
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        os.setpgid(0, 0)
-        _set_parent_death_signal(signal.SIGKILL)
-        fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        sys.stdout = os.fdopen(1, "w", buffering=1)
-        sys.stderr = os.fdopen(2, "w", buffering=1)
-        if spec.cwd and os.getcwd() != spec.cwd:
-            os.chdir(spec.cwd)
-        environment_main(child_sock, spec)
-    except BaseException:  # noqa: BLE001
-        traceback.print_exc()
+        for _ in range(3):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
     finally:
-        os._exit(1)
+        engine.dispose()
+
+
+class _Zygote:
+    """Forks environments on request. One child is always forked ahead and parked, so a spawn request
+    is answered at once and the next fork happens off the request's critical path (Android's zygote
+    keeps such unspecialised children too). A parked child has not seen any handler: it learns its spec
+    when it is handed out, and only then runs the init phase."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno())
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(control, selectors.EVENT_READ, "control")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.parked: tuple[int, socket.socket] | None = None
+        self.pid = os.getpid()
+
+    def serve(self) -> None:
+        self._prefork_quietly()
+        _send(self.control, ("zygote_ready", self.pid))
+        while True:
+            for key, _ in self.selector.select():
+                if key.data == "wake":
+                    try:
+                        self.wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    data = self.control.recv(MAX_MESSAGE)
+                    if not data:
+                        os._exit(0)  # the supervisor is gone; environments die with us
+                    self._handle(data)
+            self._reap()
+
+    def _handle(self, data: bytes) -> None:
+        message = pickle.loads(data)
+        if message[0] == "warm":
+            try:
+                warm_drivers(message[1])
+                result = ("warmed", "")
+            except Exception as exc:  # noqa: BLE001 - warming is an optimisation; say why it failed
+                result = ("warmed", f"{type(exc).__name__}: {exc}")
+            gc.collect()
+            gc.freeze()
+            self._discard_parked()  # forked before warming: replace it with a warm one
+            self._prefork_quietly()
+            _send(self.control, result)
+            return
+        env_id = message[1]
+        try:
+            if self.parked is None:
+                self._prefork()
+        except OSError as exc:
+            _send(self.control, ("spawn_failed", env_id, str(exc)))
+            return
+        assert self.parked is not None
+        pid, sock = self.parked
+        self.parked = None
+        try:
+            sock.send(data)  # the spawn request itself carries the spec
+        except OSError:
+            pass  # it died while parked: the supervisor will see EOF and an exit report
+        socket.send_fds(self.control, [pickle.dumps(("spawned", env_id, pid))], [sock.fileno()])
+        sock.close()
+        self._prefork_quietly()
+
+    def _prefork(self) -> None:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError:
+            parent_sock.close()
+            child_sock.close()
+            raise
+        if pid == 0:
+            parent_sock.close()
+            self._park(child_sock)
+        child_sock.close()
+        self.parked = (pid, parent_sock)
+
+    def _prefork_quietly(self) -> None:
+        try:
+            self._prefork()
+        except OSError:
+            pass  # out of processes for now: the next request forks on demand, or reports the failure
+
+    def _discard_parked(self) -> None:
+        if self.parked is not None:
+            pid, sock = self.parked
+            self.parked = None
+            sock.close()  # it sees EOF and exits; its exit is reaped and reported for an unknown pid
+
+    def _park(self, sock: socket.socket) -> None:
+        # In the forked child: drop everything that belongs to the zygote, take our own process group
+        # (so the supervisor can freeze and kill whatever the handler spawns) and die with the zygote.
+        try:
+            self.selector.close()
+            self.control.close()
+            self.wake_r.close()
+            self.wake_w.close()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            os.setpgid(0, 0)
+            _set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != self.pid:
+                os._exit(1)  # the zygote died before the death signal was armed
+            data = sock.recv(MAX_MESSAGE)
+            if not data:
+                os._exit(0)
+            _, _, spec = pickle.loads(data)
+            fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+            sys.stdout = os.fdopen(1, "w", buffering=1)
+            sys.stderr = os.fdopen(2, "w", buffering=1)
+            if spec.cwd and os.getcwd() != spec.cwd:
+                os.chdir(spec.cwd)
+            environment_main(sock, spec)
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+
+    def _reap(self) -> None:
+        # The zygote's only children are environments, so waitpid(-1) steals nobody's status.
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.parked is not None and self.parked[0] == pid:
+                self.parked[1].close()
+                self.parked = None
+            _send(self.control, ("exited", pid, status))
 
 
 def zygote_main(control_fd: int) -> None:
@@ -250,60 +404,7 @@ def zygote_main(control_fd: int) -> None:
             pass
     gc.collect()
     gc.freeze()  # keep the preloaded heap out of the collector so forks share its pages
-
-    control = socket.socket(fileno=control_fd)
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    selector = selectors.DefaultSelector()
-    selector.register(control, selectors.EVENT_READ, "control")
-    selector.register(wake_r, selectors.EVENT_READ, "wake")
-    _send(control, ("zygote_ready", os.getpid()))
-
-    while True:
-        for key, _ in selector.select():
-            if key.data == "wake":
-                try:
-                    wake_r.recv(4096)
-                except BlockingIOError:
-                    pass
-                _reap(control)
-                continue
-            data = control.recv(MAX_MESSAGE)
-            if not data:
-                os._exit(0)
-            _, env_id, spec = pickle.loads(data)
-            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                pid = os.fork()
-            except OSError as exc:
-                parent_sock.close()
-                child_sock.close()
-                _send(control, ("spawn_failed", env_id, str(exc)))
-                continue
-            if pid == 0:
-                parent_sock.close()
-                wake_r.close()
-                wake_w.close()
-                _become_environment(control, child_sock, selector, env_id, spec)
-            child_sock.close()
-            socket.send_fds(control, [pickle.dumps(("spawned", env_id, pid))], [parent_sock.fileno()])
-            parent_sock.close()
-        _reap(control)
-
-
-def _reap(control: socket.socket) -> None:
-    # The zygote's only children are environments, so waitpid(-1) steals nobody's status.
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        _send(control, ("exited", pid, status))
+    _Zygote(socket.socket(fileno=control_fd)).serve()
 
 
 if __name__ == "__main__":

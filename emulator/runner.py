@@ -137,6 +137,9 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
             db.start()
         results.update(database=db.describe())
         supervisor.handler_env = function_env(config, db)
+        warm_error = supervisor.warm()
+        if warm_error:
+            results.update(zygote_warm_error=warm_error)
         sampler = Sampler(databases.database_view(db), supervisor, stats, results.samples,
                           interval_s=config.sample_interval_s, proxy=db if config.proxy != "none" else None)
         sampler.start()

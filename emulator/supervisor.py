@@ -208,6 +208,19 @@ class Supervisor:
             raise RuntimeError(f"the environment zygote did not start; see {self.logs_dir / 'zygote.log'}")
         self._selector.register(mine, selectors.EVENT_READ, None)
 
+    def warm(self) -> str:
+        """Have the zygote run the drivers' connect paths once against the started database (see
+        `environment.warm_drivers`), so environments share that memory. Returns "" or why it failed."""
+        assert self._zygote_sock is not None
+        self._zygote_sock.send(pickle.dumps(("warm", self.handler_env)))
+        while True:
+            message = self._recv_control(timeout_s=60)
+            if message is None:
+                return "the zygote did not answer within 60 s"
+            if message[0] == "warmed":
+                return message[1]
+            self._on_control(message)
+
     def wakeup_fd(self) -> int:
         """A file descriptor for `signal.set_wakeup_fd`, so a signal interrupts the loop's wait."""
         return self._wake_w.fileno()
@@ -288,7 +301,7 @@ class Supervisor:
         """Dispatch arrivals (offsets from `load_start`, default now) until they run out, then wait for
         in-flight invocations to end. Returns early when a stop is requested or the handler cannot load."""
         start = self.now() if load_start is None else load_start
-        next_tick = self.clock() + tick_s
+        next_tick = self.clock() + tick_s if on_tick is not None else float("inf")
         next_at = next(arrivals, None)
         while self.stop_requested is None and self.fatal_error is None:
             now = self.now()
@@ -316,7 +329,10 @@ class Supervisor:
         self._run_timers()
         if self._timers:
             wake_at = min(wake_at, self._timers[0][0])
-        timeout = max(0.0, wake_at - self.clock())
+        self._dispatch(max(0.0, wake_at - self.clock()))
+
+    def _dispatch(self, timeout: float) -> None:
+        """Handle whatever the sockets have, waiting at most `timeout` seconds for something."""
         for key, _ in self._selector.select(timeout):
             if key.fileobj is self._wake_r:
                 try:
@@ -335,6 +351,12 @@ class Supervisor:
         inv = Invocation(next(self._inv_seq), str(uuid.uuid4()), scheduled)
         now = self.now()
         env = self._provisioned_idle.pop() or self._idle.pop()
+        if env is None:
+            # Before starting (or refusing) a new environment, take the replies already waiting: when
+            # the loop runs behind, environments that finished are otherwise passed over, and every
+            # late arrival forks a new one (or is throttled) while idle capacity sits in the sockets.
+            self._dispatch(0)
+            env = self._provisioned_idle.pop() or self._idle.pop()
         if env is not None:
             self._invoke(env, inv, now, thaw=True)
             return
@@ -448,6 +470,12 @@ class Supervisor:
             if inv is None or inv.request_id != request_id:
                 return  # a late reply to an invocation already failed by timeout
             inv.duration_ms = duration_ms
+            if duration_ms > self.config.timeout_s * 1000:
+                # Replied, but only after the function timeout: Lambda would have cut it off.
+                self._finish(env, inv, now, status="timeout", kind="timeout",
+                             message=f"Task timed out after {self.config.timeout_s:g} seconds")
+                self._end(env, "timeout", signal_=signal.SIGKILL)
+                return
             self._finish(env, inv, now, status=status, kind=error_kind, type_name=error_type, message=text)
             self._after_invocation(env)
         elif kind == "ready":
@@ -579,6 +607,12 @@ class Supervisor:
             if env.state in (ENDED, VANISHED):
                 continue
             if kind == "timeout" and env.current is token and env.state == BUSY:
+                if self._reply_waiting(env):
+                    # The loop ran late, not the invocation: its reply is already here (the handler's
+                    # own duration, checked in _on_env_message, still decides whether it timed out).
+                    self._on_env_message(env)
+                    if env.current is not token:
+                        continue
                 self._finish(env, token, self.now(), status="timeout", kind="timeout",
                              message=f"Task timed out after {self.config.timeout_s:g} seconds")
                 self._end(env, "timeout", signal_=signal.SIGKILL)
@@ -599,6 +633,18 @@ class Supervisor:
                     self._reclaim(env, "max_lifetime")
                 else:
                     env.recycle = True
+
+    @staticmethod
+    def _reply_waiting(env: Environment) -> bool:
+        if env.sock is None:
+            return False
+        try:
+            env.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # a broken socket: let the message handler see the EOF
+        return True
 
     def _reclaim(self, env: Environment, reason: str) -> None:
         if self.config.reclaim == "vanish":

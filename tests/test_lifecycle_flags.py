@@ -233,3 +233,37 @@ def test_memory_limit_ends_the_environment(tmp_path, scenario):
     assert env_rows(s)[1]["end_reason"] == "out_of_memory"
     assert second["status"] == "ok" and second["cold"] == "1"
     assert s.summary["statuses"]["out_of_memory"] == 1
+
+
+class _StallingDisplay:
+    """A display whose updates block the supervisor's loop, as a slow terminal or disk would."""
+
+    def start(self, config, run_dir):
+        pass
+
+    def phase(self, text):
+        pass
+
+    def update(self, supervisor, stats, sampler):
+        import time
+
+        time.sleep(1.2)
+
+    def stop(self):
+        pass
+
+
+def test_a_late_loop_does_not_turn_finished_invocations_into_timeouts(tmp_path, postgres):
+    from conftest import Scenario
+    from emulator import load
+    from emulator.config import RunConfig
+    from emulator.runner import run
+
+    config = RunConfig(provider="external", db_url=postgres.url, out=str(tmp_path / "run"), timeout_s=1.0,
+                       init_delay_s=0, handler=sleeper(tmp_path, 0.2), duration_s=3)
+    s = Scenario(run(config, arrivals=load.fixed([0.1 * i for i in range(30)]), display=_StallingDisplay(),
+                     handle_signals=False))
+    # The loop stalled for 1.2 s at a time, past the 1 s timeout of invocations that took 0.2 s: their
+    # replies were waiting in the sockets, so none of them is a timeout.
+    assert s.summary["statuses"] == {"ok": 30}
+    assert max(float(r["latency_ms"]) for r in s.invocations) > 1000  # the stall did delay them
