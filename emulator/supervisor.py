@@ -107,19 +107,16 @@ class IdlePool:
 
     def __init__(self, routing: str, rng: random.Random) -> None:
         self.routing = routing
-        self._rng = rng
+        self._key: Callable[[Environment], float] = {
+            "newest": lambda env: -env.id,
+            "oldest": lambda env: env.id,
+            "mru": lambda env: -env.use_seq,
+            "lru": lambda env: env.use_seq,
+            "random": lambda env: rng.random(),
+        }[routing]
         self._heap: list[tuple[float, int, int, Environment]] = []
         self._count = 0
         self._tiebreak = itertools.count()
-
-    def _key(self, env: Environment) -> float:
-        return {
-            "newest": lambda: -env.id,
-            "oldest": lambda: env.id,
-            "mru": lambda: -env.use_seq,
-            "lru": lambda: env.use_seq,
-            "random": self._rng.random,
-        }[self.routing]()
 
     def push(self, env: Environment) -> None:
         env.idle_token += 1
