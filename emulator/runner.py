@@ -8,14 +8,13 @@ sampler and the database, and leave run.json saying how the run ended.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 from . import databases, load
 from .config import RunConfig

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -14,7 +15,7 @@ import pytest
 
 from emulator import load
 from emulator.config import RunConfig
-from emulator.databases.postgres import ADMIN_USER, PostgresServer
+from emulator.databases.postgres import PostgresServer
 from emulator.results import read_csv
 from emulator.runner import run
 from emulator.supervisor import RUN_ID_VARIABLE
@@ -90,6 +91,20 @@ def assert_no_leftovers(run_id: str) -> None:
     """No environment or zygote process of run `run_id` outlives it."""
     gone, alive = psutil.wait_procs(emulator_processes(run_id), timeout=5)
     assert not alive, f"left running: {[p.pid for p in alive]}"
+
+
+def new_run_id() -> str:
+    """A run id for a test that starts servers itself (their work directories carry it)."""
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def processes_under(path: Path) -> list[psutil.Process]:
+    """Live processes whose command line names `path` (a server's work directory)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and str(path) in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
 
 
 def admin_rows(db: PostgresServer, sql: str) -> list[tuple]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import click
 import psutil
 import pytest
 
-from conftest import ROOT, assert_no_leftovers, cli_env
+from conftest import assert_no_leftovers, cli_env
 from emulator.cli import main
 
 LAMBDAEMU = [sys.executable, "-m", "emulator.cli"]

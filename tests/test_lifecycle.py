@@ -3,7 +3,6 @@ only when nothing is idle, idle reclaim, throttling."""
 
 from __future__ import annotations
 
-import time
 
 from conftest import admin_rows, write_handler
 
@@ -87,7 +86,6 @@ def test_cold_start_only_when_no_environment_is_idle(tmp_path, scenario):
 
 
 def test_idle_environment_is_reclaimed_and_its_connection_leaves(tmp_path, scenario, postgres):
-    seen_during: list[int] = []
     s = scenario([0.0, 3.0], env_idle_ttl_s=1.0, work_s=0.0, sample_interval_s=0.1)
     envs = sorted(s.environments, key=lambda r: int(r["env_id"]))
     # The first environment sat idle past the TTL and was killed; the second invocation was cold.

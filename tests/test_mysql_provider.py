@@ -6,30 +6,15 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from pathlib import Path
 
-import psutil
 import pymysql
 import pytest
 
+from conftest import new_run_id, processes_under
 from emulator.databases.base import free_port
 from emulator.databases.instances import max_connections_for
 from emulator.databases.mysql import ADMIN_USER, ExternalMySQL, MySQLServer
 from emulator.errors import UsageError
-
-
-def new_run_id() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
-
-
-def processes_under(path: Path) -> list[psutil.Process]:
-    """Live processes whose command line names `path` (the server's work directory)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and str(path) in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 def app_connect(db: MySQLServer, **kwargs) -> pymysql.connections.Connection:

@@ -7,13 +7,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import uuid
-from pathlib import Path
 
-import psutil
 import psycopg
 import pytest
 
+from conftest import new_run_id, processes_under
 from emulator.databases.instances import max_connections_for
 from emulator.databases.mysql import ExternalMySQL
 from emulator.databases.pgbouncer import PgBouncer
@@ -21,19 +19,6 @@ from emulator.databases.postgres import PostgresServer
 from emulator.errors import UsageError, classify, exception_type_names
 
 BACKEND_MAX_CONNECTIONS = 20
-
-
-def new_run_id() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
-
-
-def processes_under(path: Path) -> list[psutil.Process]:
-    """Live processes whose command line names `path` (the proxy's work directory)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and str(path) in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 def connect(bouncer: PgBouncer) -> psycopg.Connection:
