@@ -47,6 +47,8 @@ SAMPLE_COLUMNS = (
     # cumulative counters
     "invocations", "throttles", "errors", "cold_starts",
     "max_connections",
+    # the server's own count where it keeps one (MySQL/MariaDB Threads_connected)
+    "threads_connected",
     # proxy (empty without one)
     "proxy_clients", "proxy_servers", "proxy_waiting", "proxy_max_wait_ms",
     "sample_error",

@@ -141,6 +141,8 @@ class Sampler(threading.Thread):
             states = Counter(r.state for r in rows)
             row.update(connections=len(rows), active=states["active"], idle=states["idle"],
                        idle_in_transaction=states["idle_in_transaction"], other=states["other"])
+            if hasattr(self.db, "threads_connected"):
+                row["threads_connected"] = self.db.threads_connected(self._conn)
             if self.proxy is None:
                 self._attribute(row, rows, snap, self.db.port)
         except Exception as exc:  # noqa: BLE001 - one failed poll must not end the run
