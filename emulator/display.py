@@ -62,6 +62,8 @@ class LiveDisplay:
         if self._live is not None:
             self._live.stop()
             self._live = None
+            if not self.console.is_terminal:
+                self.console.line()  # a log file gets the last progress line ended, like a terminal
 
 
 def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
