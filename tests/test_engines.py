@@ -93,3 +93,12 @@ def test_pool_timeout_and_connection_refused_are_classified(tmp_path, scenario):
     assert first["error_kind"] == "pool_timeout" and first["error_type"] == "TimeoutError"
     assert second["error_kind"] == "connection_refused"
     assert s.summary["errors"] == {"total": 2, "connection_refused": 1, "pool_timeout": 1}
+
+
+def test_native_postgres_provider_runs_the_machines_server(tmp_path):
+    s = full_run(tmp_path, provider="native", rps=10, duration_s=2, work_s=0.05)
+    assert s.result.status == "complete" and s.summary["errors"]["total"] == 0
+    database = s.run["database"]
+    assert database["provider"] == "native" and database["engine"] == "postgres"
+    assert "postgres" in database["version"].lower() and database["max_connections"] == 100
+    assert s.summary["peak_connections"] > 0
