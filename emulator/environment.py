@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import classify, exception_type_names
+from .processes import set_parent_death_signal
 
 MAX_MESSAGE = 1 << 16
 MESSAGE_LIMIT = 2000  # characters of an error message sent back (full traceback is in the env's log)
@@ -211,18 +212,6 @@ def _is_handler_import_error(exc: BaseException, handler: str) -> bool:
 
 # --- the zygote ---------------------------------------------------------------------------------------
 
-_LIBC: Any = None
-
-
-def _set_parent_death_signal(sig: int) -> None:
-    global _LIBC
-    if _LIBC is None:  # loaded once in the zygote, inherited by every fork
-        import ctypes
-
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-    _LIBC.prctl(1, sig)  # PR_SET_PDEATHSIG
-
-
 def warm_drivers(env_vars: dict[str, str]) -> None:
     """Run the database drivers' connect paths once (then close everything), so the code and caches
     they touch on first use are already in the zygote's frozen heap: environments then share those
@@ -361,7 +350,7 @@ class _Zygote:
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
             os.setpgid(0, 0)
-            _set_parent_death_signal(signal.SIGKILL)
+            set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != self.pid:
                 os._exit(1)  # the zygote died before the death signal was armed
             data = sock.recv(MAX_MESSAGE)
@@ -402,7 +391,7 @@ class _Zygote:
 
 def zygote_main(control_fd: int) -> None:
     """Preload libraries, then fork an environment for every spawn request until the supervisor leaves."""
-    _set_parent_death_signal(signal.SIGKILL)
+    set_parent_death_signal(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     for name in PRELOAD:
         try:

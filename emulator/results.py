@@ -232,8 +232,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             first_errors[r["error_kind"]] = r["message"]
     served = [r for r in invocations if r["status"] != "throttled"]
     window = run.get("load_window_s") or config.get("duration_s") or 0
-    peak_env_live = peak_concurrent(
-        [{"a": r["created_s"], "b": r["ended_s"]} for r in environments], "a", "b")
+    peak_env_live = peak_concurrent(environments, "created_s", "ended_s")
     peak_env_samples = max((int(r["envs"]) for r in samples if r.get("envs")), default=0)
 
     def sample_max(key: str) -> int:

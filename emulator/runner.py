@@ -19,7 +19,7 @@ from typing import Any, Iterator, Protocol
 from . import databases, load
 from .config import RunConfig
 from .environment import check_handler
-from .errors import HandlerLoadError, LambdaemuError, RunInterrupted
+from .errors import LambdaemuError, RunInterrupted
 from .events import Events
 from .results import RunDirectory, environment_row, host_info, invocation_row, new_run_id, summarize, versions, write_json
 from .sampler import RunStats, Sampler
@@ -161,16 +161,12 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
                 display.update(supervisor, stats, sampler)
 
         supervisor.run_load(schedule, load_start=load_start, on_tick=tick)
-        load_window = min(supervisor.now() - load_start, config.duration_s) if arrivals is None else \
-            supervisor.now() - load_start
         if supervisor.stop_requested is not None:
             status = "interrupted"
         else:
             status = "complete"
     except RunInterrupted:
         status = "interrupted"
-    except HandlerLoadError as exc:
-        status, error, failure = "failed", str(exc), exc
     except LambdaemuError as exc:
         status, error, failure = "failed", str(exc), exc
     except BaseException as exc:
@@ -188,8 +184,11 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
             if sampler is not None:
                 sampler.stop()
             if supervisor is not None:
-                if load_window == 0.0 and "load_start_s" in results.run_info:
-                    load_window = supervisor.now() - results.run_info["load_start_s"]
+                if "load_start_s" in results.run_info:
+                    # The window arrivals came in: a config's schedule ends at --duration (what follows
+                    # is the drain); a given schedule, or an interrupted run, ends where it ended.
+                    elapsed = supervisor.now() - results.run_info["load_start_s"]
+                    load_window = min(elapsed, config.duration_s) if arrivals is None else elapsed
                 supervisor.shutdown()
         finally:
             db.stop()

@@ -33,6 +33,7 @@ from .config import RunConfig
 from .environment import MAX_MESSAGE, EnvSpec
 from .errors import HandlerLoadError
 from .events import Events
+from .processes import die_with_parent
 
 INITIALISING, BUSY, FROZEN, VANISHED, ENDED = "initialising", "busy", "frozen", "vanished", "ended"
 
@@ -202,7 +203,7 @@ class Supervisor:
             # The run id in the zygote's environment labels it and every environment forked from it
             # (/proc/<pid>/environ), so leftovers of a run can be told from another run's processes.
             env={**os.environ, "PYTHONPATH": _pythonpath(), RUN_ID_VARIABLE: self.run_id},
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )
         theirs.close()
         self._zygote_sock = mine
@@ -572,9 +573,7 @@ class Supervisor:
         """Reclaim without closing anything: the process stays frozen and its connections stay open,
         as when a microVM disappears without sending FIN."""
         self._idle.discard(env)
-        self.counts[FROZEN] -= 1
-        self.counts[VANISHED] += 1
-        env.state = VANISHED
+        self._set_state(env, VANISHED)
         env.vanished = True
         env.end_reason = reason
         env.ended_at = self.now()
@@ -749,12 +748,6 @@ def _signal_group(pid: int, sig: int) -> None:
             pass
     except PermissionError:
         pass
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _pythonpath() -> str:

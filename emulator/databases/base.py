@@ -7,7 +7,6 @@ URL handlers use and the facts the sampler needs, and `stop()` is idempotent. "W
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import secrets
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import DatabaseStartError
+from ..processes import die_with_parent
 
 #: Every data directory, config and log a run creates lives under a folder named with this prefix and
 #: the run id, so `lambdaemu cleanup` (and the next run) can find leftovers.
@@ -196,15 +196,6 @@ def chown_tree(path: Path) -> None:
     os.chown(path, user.pw_uid, user.pw_gid)
 
 
-def _die_with_parent() -> None:
-    # Runs in the child after the uid change (subprocess applies user= before preexec_fn), because the
-    # kernel clears PR_SET_PDEATHSIG on credential changes. If lambdaemu is killed with SIGKILL, the
-    # server gets SIGTERM and shuts down instead of outliving the run. (ctypes is imported at module
-    # level: after the uid change the child may no longer be able to read the Python installation.)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def spawn_server(argv: list[str], log_path: Path, env: dict[str, str] | None = None,
                  cwd: Path | None = None) -> subprocess.Popen:
     """Start a server process as the server user, in its own process group, logging to `log_path`."""
@@ -215,7 +206,7 @@ def spawn_server(argv: list[str], log_path: Path, env: dict[str, str] | None = N
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
             env={**os.environ, **(env or {})}, start_new_session=True,
             user=user.pw_uid if user else None, group=user.pw_gid if user else None,
-            extra_groups=[] if user else None, preexec_fn=_die_with_parent,
+            extra_groups=[] if user else None, preexec_fn=die_with_parent(signal.SIGTERM),  # a server shuts down cleanly
         )
     finally:
         log.close()
