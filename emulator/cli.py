@@ -53,7 +53,7 @@ def run_command(as_json: bool, results_dir: str, **raw: Any) -> None:
 
     try:
         config = RunConfig.from_strings(raw)
-        result = run(config, display=LiveDisplay(), results_root=results_dir)
+        result = run(config, display=LiveDisplay(), results_root=results_dir, handle_signals=True)
     except UsageError as exc:
         _fail(str(exc), 2)
     except LambdaemuError as exc:
@@ -62,6 +62,8 @@ def run_command(as_json: bool, results_dir: str, **raw: Any) -> None:
     console.print(summary_table(result.summary, result.run_dir))
     if result.error:
         console.print(f"[red]{result.error}[/]")
+    for note in result.notes:
+        console.print(f"[yellow]{note}[/]")
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
     sys.exit(result.exit_code)

@@ -183,6 +183,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seed", "--seed", "int", None, "Random seed for arrivals and routing (default: random, recorded in run.json).",
             "load", optional=True, expect="use a whole number, e.g. 42"),
     # function
+    Setting("function_name", "--function-name", "text", "app",
+            "Name of the function: in every record, in logs, as context.function_name.", "function",
+            expect="use 1 to 64 letters, digits, hyphens or underscores, as Lambda function names"),
     Setting("handler", "--handler", "text", DEFAULT_HANDLER,
             "Lambda-shaped handler to run: module:function or path/to/file.py:function.", "function",
             expect="use module:function or path/to/file.py:function, e.g. workloads.sqlalchemy_pool:handler"),
@@ -302,6 +305,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proxy_idle_client_timeout_s", "--proxy-idle-client-timeout", "duration", 1800.0,
             "RDS Proxy IdleClientTimeout → PgBouncer client_idle_timeout.", "proxy",
             minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+    # emulator
+    Setting("env_nice", "--env-nice", "int", 10,
+            "Scheduling priority (nice) of environments and whatever they start, so the control plane and "
+            "the sampler come first for the CPU; 0 runs them at the supervisor's priority.", "emulator",
+            minimum=0, expect="use a whole number from 0 (no change) to 19"),
     # output
     Setting("sample_interval_s", "--sample-interval", "duration", 1.0,
             "How often the sampler polls the database.", "output",
@@ -322,6 +330,7 @@ class RunConfig:
     duration_s: float = SETTINGS_BY_NAME["duration_s"].default
     arrivals: str = SETTINGS_BY_NAME["arrivals"].default
     seed: int | None = None
+    function_name: str = SETTINGS_BY_NAME["function_name"].default
     handler: str = DEFAULT_HANDLER
     work_s: float = SETTINGS_BY_NAME["work_s"].default
     pool_max: int = SETTINGS_BY_NAME["pool_max"].default
@@ -356,6 +365,7 @@ class RunConfig:
     proxy_max_idle_percent: int | None = None
     proxy_borrow_timeout_s: float = SETTINGS_BY_NAME["proxy_borrow_timeout_s"].default
     proxy_idle_client_timeout_s: float = SETTINGS_BY_NAME["proxy_idle_client_timeout_s"].default
+    env_nice: int = SETTINGS_BY_NAME["env_nice"].default
     sample_interval_s: float = SETTINGS_BY_NAME["sample_interval_s"].default
     out: str | None = None
 
@@ -445,11 +455,16 @@ class RunConfig:
                 f"--provisioned {self.provisioned} exceeds --reserved-concurrency {self.reserved_concurrency}; "
                 "provisioned environments count against reserved concurrency"
             )
-        if self.reserved_concurrency is not None and self.reserved_concurrency > self.concurrency_limit:
-            raise UsageError(
-                f"--reserved-concurrency {self.reserved_concurrency} exceeds --concurrency-limit "
-                f"{self.concurrency_limit}; lower one or raise the other"
-            )
+        if self.reserved_concurrency is not None:
+            from .function import check_reservations
+
+            check_reservations(self.concurrency_limit, [(self.function_name, self.reserved_concurrency)],
+                               reserved_flag="--reserved-concurrency")
+        if not _FUNCTION_NAME.match(self.function_name):
+            raise UsageError(f"--function-name: {self.function_name!r} is not valid; use 1 to 64 letters, digits, "
+                             "hyphens or underscores, as Lambda function names")
+        if self.env_nice > 19:
+            raise UsageError(f"--env-nice: {self.env_nice} is out of range; use a whole number from 0 to 19")
         if self.init_delay_s >= self.init_limit_s:
             raise UsageError(
                 f"--init-delay {format_duration(self.init_delay_s)} is not below --init-limit "
@@ -481,6 +496,42 @@ class RunConfig:
         return data
 
 
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FunctionConfig:
+    """One function as the supervisor runs it: its name, its handler, its configuration as Lambda passes
+    it (environment variables, already holding the database's address and the pool settings) and its
+    lifecycle settings. `exec_argv` names a Runtime API program for runtimes other than Python."""
+
+    name: str
+    handler: str
+    env_vars: tuple[tuple[str, str], ...]
+    memory_mb: int | None
+    timeout_s: float
+    init_delay_s: float
+    init_limit_s: float
+    env_idle_ttl_s: float
+    env_max_lifetime_s: float
+    routing: str
+    reclaim: str
+    reserved_concurrency: int | None
+    provisioned: int
+    scale_rate: tuple[int, float]
+    exec_argv: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_run_config(cls, config: "RunConfig", env_vars: Mapping[str, str]) -> "FunctionConfig":
+        """The one function a command line describes."""
+        return cls(name=config.function_name, handler=config.handler, env_vars=tuple(env_vars.items()),
+                   memory_mb=config.memory_mb, timeout_s=config.timeout_s, init_delay_s=config.init_delay_s,
+                   init_limit_s=config.init_limit_s, env_idle_ttl_s=config.env_idle_ttl_s,
+                   env_max_lifetime_s=config.env_max_lifetime_s, routing=config.routing, reclaim=config.reclaim,
+                   reserved_concurrency=config.reserved_concurrency, provisioned=config.provisioned,
+                   scale_rate=config.scale_rate)
+
+
 def _url_engine(url: str) -> str | None:
     scheme = url.partition("://")[0].split("+")[0].lower()
     if scheme in ("postgres", "postgresql"):
@@ -505,7 +556,7 @@ redact_url = _redact
 # --- documentation from the same table ----------------------------------------------------------------
 
 GROUP_TITLES = {"load": "Load", "function": "Function", "lifecycle": "Lifecycle", "database": "Database",
-                "proxy": "Proxy", "output": "Output"}
+                "proxy": "Proxy", "emulator": "Emulator", "output": "Output"}
 
 
 def settings_markdown() -> str:

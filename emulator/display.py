@@ -34,20 +34,20 @@ class LiveDisplay:
         self._phase = text
         self._refresh()
 
-    def update(self, supervisor: Any, stats: Any, sampler: Any) -> None:
-        c = supervisor.snapshot()["counts"]
-        counters = stats.counters
-        last = sampler.last if sampler is not None else {}
-        conn = last.get("connections", "?")
-        max_conn = last.get("max_connections", "?")
+    def update(self, supervisor: Any, fleet: Any) -> None:
+        """Show the fleet's counters and the sampler's latest connection count."""
+        c = fleet.totals()
+        shown = fleet.published()
+        conn = shown["connections"] if shown["samples"] else "?"
+        max_conn = shown["max_connections"] if shown["samples"] else "?"
         self._line = Text.assemble(
             (f"t={supervisor.now():6.1f}s ", "bold"),
-            f"invocations {counters['invocations']:>7}  ",
+            f"invocations {c['invocations']:>7}  ",
             f"envs busy {c['busy']:>4} frozen {c['frozen']:>4} init {c['initialising']:>3}",
             f" vanished {c['vanished']:>3}  " if c["vanished"] else "  ",
             (f"connections {conn}/{max_conn}  ", "cyan"),
-            (f"errors {counters['errors']}  ", "red" if counters["errors"] else ""),
-            (f"throttles {counters['throttles']}", "yellow" if counters["throttles"] else ""),
+            (f"errors {c['errors']}  ", "red" if c["errors"] else ""),
+            (f"throttles {c['throttles']}", "yellow" if c["throttles"] else ""),
         )
         self._refresh()
 

@@ -63,6 +63,7 @@ ERROR_KINDS = (
     "database_error",
     "timeout",
     "crash",
+    "runtime_error",
     "init_error",
     "out_of_memory",
     "handler_error",

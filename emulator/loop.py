@@ -152,16 +152,19 @@ class Loop:
 
     # -- running ---------------------------------------------------------------------------------------
     def run_timers(self) -> int:
-        """Run every timer due now; returns how many ran. A timer added by a callback for a time already
-        past runs in this same call."""
+        """Run the timers due now; returns how many ran. Timers added by these callbacks wait for the next
+        call, even when already due, so a callback that re-arms itself (an arrival backlog) cannot keep
+        the loop from its sockets."""
         ran = 0
         timers = self._timers
+        newest = next(self._seq)  # timers added from here on have a larger sequence number
+        now = self.clock() + _TIMER_SLACK_S
         while timers:
-            when, _, timer = timers[0]
+            when, seq, timer = timers[0]
             if timer.cancelled:
                 heapq.heappop(timers)
                 continue
-            if when > self.clock() + _TIMER_SLACK_S:
+            if when > now or seq > newest:
                 break
             heapq.heappop(timers)
             callback, args = timer.callback, timer.args
@@ -191,12 +194,13 @@ class Loop:
         return ran
 
     def run_once(self, until: float | None = None) -> None:
-        """Run due timers, then wait for I/O until the next timer (or `until`, or forever when neither),
-        run what became ready, and run timers that fell due meanwhile.
+        """Wait for I/O until the next timer (or `until`, or forever when neither; not at all when a timer
+        is already due), run what became ready, then run the timers that are due. Replies are read before
+        deadlines are judged, so a loop that ran late does not time out an invocation whose answer was
+        already waiting.
 
         With a `FakeClock` nothing waits: when no I/O is ready the clock jumps to the next deadline.
         """
-        self.run_timers()
         deadline = self.next_timer()
         if until is not None:
             deadline = until if deadline is None else min(deadline, until)

@@ -12,7 +12,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .results import read_csv
+from .results import iter_csv, read_csv
 
 STATE_COLOURS = {"active": "#d62728", "idle_in_transaction": "#ff7f0e", "idle": "#1f77b4", "other": "#7f7f7f"}
 
@@ -30,7 +30,6 @@ def chart(run_dir: Path, path: Path | None = None) -> Path:
 
     run = json.loads((run_dir / "run.json").read_text())
     samples = read_csv(run_dir / "samples.csv")
-    invocations = read_csv(run_dir / "invocations.csv")
     config = run.get("config", {})
     max_conn = run.get("database", {}).get("max_connections")
 
@@ -72,7 +71,7 @@ def chart(run_dir: Path, path: Path | None = None) -> Path:
     ax_env.grid(alpha=0.3)
 
     per_second: dict[str, Counter[int]] = defaultdict(Counter)
-    for row in invocations:
+    for row in iter_csv(run_dir / "invocations.csv"):
         outcome = "ok" if row["status"] == "ok" else (
             "throttled" if row["status"] == "throttled" else row["error_kind"] or row["status"])
         per_second[outcome][int(float(row["scheduled_s"]))] += 1

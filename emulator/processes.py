@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import signal
+import subprocess
+from pathlib import Path
 from typing import Callable
 
 # Loaded at import, not in a child: after a uid change (servers started as an unprivileged user) the
 # child may no longer be able to read the Python installation, and forks of the zygote inherit it.
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -21,6 +25,48 @@ def set_parent_death_signal(sig: int) -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, sig)
 
 
+def set_child_subreaper() -> None:
+    """Make this process the parent of every orphan among its descendants (instead of init), so
+    processes that detached themselves (double fork, setsid) can still be found and ended."""
+    _LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
     """A `preexec_fn` that arms `set_parent_death_signal(sig)` in the child."""
     return functools.partial(set_parent_death_signal, sig)
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Send `sig` to the process group led by `pid` (environments lead their own group, so whatever a
+    handler spawned is frozen, thawed and killed with it); fall back to the pid alone in the instant
+    before the child has called setpgid. A process already gone is not an error."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    except PermissionError:
+        pass
+
+
+def child_pythonpath() -> str:
+    """PYTHONPATH for the interpreters a run starts (zygote, sampler, janitor): this package and the
+    user's handler modules must import from where the user runs."""
+    here = str(Path(__file__).resolve().parent.parent)
+    parts = [os.getcwd(), here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout_s: float, *, group: bool = False) -> None:
+    """Wait up to `timeout_s` for `proc` to exit, then SIGKILL it (its whole process group when `group`)
+    and reap it."""
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        if group:
+            signal_group(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait(5)

@@ -1,39 +1,47 @@
-"""The run directory: what each file holds (columns, defined apart from writing) and how it is written.
+"""The run directory: what each file holds (columns, defined apart from writing), how it is written, and
+the summary computed from it.
 
 `results/<run-id>/` is written as the run goes, so an interrupted or crashed run still leaves usable
-files; run.json says whether the run is `running`, `complete`, `interrupted` or `failed`.
+files; run.json says whether the run is `starting`, `running`, `complete`, `interrupted`, `failed` or
+`killed`.
 
-- run.json         config (no password), versions, host, database, status, times
-- invocations.csv  one row per arrival (INVOCATION_COLUMNS)
-- environments.csv one row per environment, written when its process has ended (ENVIRONMENT_COLUMNS)
-- samples.csv      the sampler's time series (SAMPLE_COLUMNS)
-- logs/            each environment's stdout/stderr (env-00001.log, ...), the zygote's log
-- summary.json     `summarize()` of the files above
-- chart.png        `plots.chart()` of the files above
+- run.json          config (no password), versions, host, database, status, times
+- invocations.csv   one row per arrival (INVOCATION_COLUMNS), written by the supervisor's listeners
+- environments.csv  one row per environment, once its process has ended (ENVIRONMENT_COLUMNS)
+- samples.csv       the sampler's time series (SAMPLE_COLUMNS), written by the sampler process
+- functions.csv     the same instants, per function (FUNCTION_SAMPLE_COLUMNS)
+- logs/             each environment's stdout/stderr (env-00001.log, ...), the zygote's and sampler's
+- summary.json      `summarize()` of the files above
+- chart.png         `plots.chart()` of the files above
+
+The supervisor's writers only append rows to a list in the loop; the rows reach the file at the loop's
+tick (`RunDirectory.flush`), so no invocation waits for a write. `summarize` reads each CSV once, row by
+row, into counters and fixed-size quantile sketches: memory does not grow with the run's length.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
 import platform
 import socket
-import threading
 import time
+from array import array
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 INVOCATION_COLUMNS = (
-    "seq", "request_id", "scheduled_s", "start_s", "end_s", "lag_ms", "latency_ms", "env_id", "env_pid",
-    "cold", "init_ms", "duration_ms", "status", "error_kind", "error_type", "throttle_reason", "message",
+    "seq", "request_id", "function", "scheduled_s", "start_s", "end_s", "lag_ms", "latency_ms", "env_id",
+    "env_pid", "cold", "init_ms", "duration_ms", "status", "error_kind", "error_type", "throttle_reason", "message",
 )
 
 ENVIRONMENT_COLUMNS = (
-    "env_id", "pid", "provisioned", "created_s", "ready_s", "init_ms", "invocations", "end_reason",
-    "vanished", "ended_s", "exit", "exited_s",
+    "env_id", "function", "pid", "provisioned", "created_s", "spawned_s", "ready_s", "init_ms", "invocations",
+    "ok", "errors", "end_reason", "vanished", "ended_s", "exit", "exited_s",
 )
 
 SAMPLE_COLUMNS = (
@@ -51,7 +59,13 @@ SAMPLE_COLUMNS = (
     "threads_connected",
     # proxy (empty without one)
     "proxy_clients", "proxy_servers", "proxy_waiting", "proxy_max_wait_ms",
-    "sample_error",
+    # the sampler itself: how long the connections query took, ticks dropped so far, what failed
+    "sample_ms", "samples_missed", "sample_error",
+)
+
+FUNCTION_SAMPLE_COLUMNS = (
+    "t_s", "function", "envs", "envs_busy", "envs_frozen", "envs_initialising", "envs_vanished", "in_flight",
+    "invocations", "throttles", "errors", "cold_starts", "held",
 )
 
 
@@ -67,7 +81,7 @@ def invocation_row(inv: Any) -> list[Any]:
     """A row of invocations.csv from a supervisor `Invocation`."""
     throttled = inv.status == "throttled"
     return [_fmt(v) for v in (
-        inv.seq, inv.request_id, inv.scheduled, inv.start, inv.end,
+        inv.seq, inv.request_id, inv.function, inv.scheduled, inv.start, inv.end,
         (inv.start - inv.scheduled) * 1000, None if throttled else (inv.end - inv.scheduled) * 1000,
         inv.env_id, inv.env_pid, inv.cold, inv.init_ms, inv.duration_ms, inv.status, inv.error_kind,
         inv.error_type, inv.throttle_reason, inv.message.replace("\n", " ")[:500],
@@ -77,40 +91,51 @@ def invocation_row(inv: Any) -> list[Any]:
 def environment_row(env: Any) -> list[Any]:
     """A row of environments.csv from a supervisor `Environment`."""
     return [_fmt(v) for v in (
-        env.id, env.pid, env.provisioned, env.created, env.ready_at, env.init_ms, env.invocations,
-        env.end_reason, env.vanished, env.ended_at, env.exit, env.exited_at,
+        env.id, env.function.name, env.pid, env.provisioned, env.created, env.spawned_at, env.ready_at, env.init_ms,
+        env.invocations, env.ok, env.errors, env.end_reason, env.vanished, env.ended_at, env.exit, env.exited_at,
     )]
 
 
 class CsvWriter:
-    """A CSV file written row by row, flushed on demand and on close; safe across threads."""
+    """A CSV file written by one thread: rows are kept in memory until `flush()` (called at the loop's
+    tick and on close), so appending a row never touches the file system."""
 
     def __init__(self, path: Path, columns: Iterable[str]) -> None:
         self.path = path
-        self._fh: IO[str] | None = open(path, "w", newline="", buffering=1 << 16)
+        self._fh: IO[str] | None = open(path, "w", newline="")
         self._csv = csv.writer(self._fh)
         self._csv.writerow(columns)
-        self._lock = threading.Lock()
+        self._fh.flush()
+        self._pending: list[list[Any]] = []
 
     def write(self, row: list[Any]) -> None:
-        with self._lock:
-            if self._fh is not None:
-                self._csv.writerow(row)
+        """Queue a row."""
+        self._pending.append(row)
 
     def flush(self) -> None:
-        with self._lock:
-            if self._fh is not None:
-                self._fh.flush()
+        """Write the queued rows and hand them to the operating system."""
+        if self._fh is not None:
+            if self._pending:
+                self._csv.writerows(self._pending)
+                self._pending.clear()
+            self._fh.flush()
 
     def close(self) -> None:
-        with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+        """Flush and close (idempotent)."""
+        if self._fh is not None:
+            self.flush()
+            self._fh.close()
+            self._fh = None
+
+
+def create_csv(path: Path, columns: Iterable[str]) -> None:
+    """An empty CSV with its header, for a file another process appends to."""
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerow(columns)
 
 
 class RunDirectory:
-    """Creates and writes one run directory. `status()` rewrites run.json atomically."""
+    """Creates and writes one run directory. `update()` rewrites run.json atomically."""
 
     def __init__(self, path: Path, run_id: str) -> None:
         self.path = path
@@ -121,7 +146,11 @@ class RunDirectory:
         self.run_info: dict[str, Any] = {"run_id": run_id, "status": "starting"}
         self.invocations = CsvWriter(path / "invocations.csv", INVOCATION_COLUMNS)
         self.environments = CsvWriter(path / "environments.csv", ENVIRONMENT_COLUMNS)
-        self.samples = CsvWriter(path / "samples.csv", SAMPLE_COLUMNS)
+        # Written by the sampler process; created here so a run that never sampled still has them.
+        self.samples_path = path / "samples.csv"
+        self.functions_path = path / "functions.csv"
+        create_csv(self.samples_path, SAMPLE_COLUMNS)
+        create_csv(self.functions_path, FUNCTION_SAMPLE_COLUMNS)
 
     def update(self, **fields: Any) -> None:
         """Merge `fields` into run.json and write it (atomically, so a crash never leaves half a file)."""
@@ -129,15 +158,18 @@ class RunDirectory:
         write_json(self.path / "run.json", self.run_info)
 
     def flush(self) -> None:
-        for writer in (self.invocations, self.environments, self.samples):
-            writer.flush()
+        """Write the rows queued so far."""
+        self.invocations.flush()
+        self.environments.flush()
 
     def close(self) -> None:
-        for writer in (self.invocations, self.environments, self.samples):
-            writer.close()
+        """Flush and close the writers (idempotent)."""
+        self.invocations.close()
+        self.environments.close()
 
 
 def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a temporary file renamed over the target)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
@@ -169,19 +201,24 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(2).hex()
 
 
-# --- summary ---------------------------------------------------------------------------------------------
+# --- reading --------------------------------------------------------------------------------------------
+
+
+def iter_csv(path: Path) -> Iterator[dict[str, str]]:
+    """Rows of a CSV file as dicts, one at a time (nothing if the file is missing)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        yield from csv.DictReader(fh)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV file as dicts (empty list if the file is missing)."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    """Every row of a CSV file as dicts (for small files and tests; summaries stream with `iter_csv`)."""
+    return list(iter_csv(path))
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100) by linear interpolation; None for no values."""
+    """The q-th percentile (0-100) of a list, by linear interpolation; None for no values."""
     if not values:
         return None
     ordered = sorted(values)
@@ -190,81 +227,227 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[low] + (ordered[high] - ordered[low]) * (pos - low), 3)
 
 
-def _floats(rows: list[dict[str, str]], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+class Quantiles:
+    """Percentiles of a stream in bounded memory: values are counted in buckets of three significant
+    digits (at most ~900 buckets per decade), so a percentile is within 0.5 % of the exact one whatever
+    the number of values; the maximum is exact."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[float] = Counter()
+        self.n = 0
+        self.max: float | None = None
+
+    def add(self, value: float) -> None:
+        """Count one value."""
+        self.counts[float(f"{value:.3g}")] += 1
+        self.n += 1
+        if self.max is None or value > self.max:
+            self.max = value
+
+    def percentile(self, q: float) -> float | None:
+        """The q-th percentile (0-100), or None for no values."""
+        if not self.n:
+            return None
+        rank = q / 100 * (self.n - 1)
+        seen = 0
+        for value in sorted(self.counts):
+            seen += self.counts[value]
+            if seen > rank:
+                return value
+        return self.max
+
+    def summary(self) -> dict[str, float | None]:
+        """p50, p95, p99 and max."""
+        return {"p50": self.percentile(50), "p95": self.percentile(95), "p99": self.percentile(99),
+                "max": round(self.max, 3) if self.max is not None else None}
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    return {"p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99),
-            "max": round(max(values), 3) if values else None}
+class IntervalPeak:
+    """The most intervals open at once, from a stream of (start, end) pairs in any order, in memory
+    proportional to the time span (a difference array at `resolution_s`), not to the number of intervals.
+    Two intervals that touch within one resolution step may count as not overlapping."""
+
+    def __init__(self, resolution_s: float = 0.001) -> None:
+        self.resolution_s = resolution_s
+        self.delta = array("i")
+
+    def _index(self, t: float) -> int:
+        i = max(0, int(t / self.resolution_s))
+        if i >= len(self.delta):
+            self.delta.extend([0] * (i + 1 - len(self.delta) + 1024))
+        return i
+
+    def add(self, start: float, end: float | None) -> None:
+        """One interval; `end` None means still open at the end."""
+        self.delta[self._index(start)] += 1
+        if end is not None:
+            self.delta[self._index(max(end, start))] -= 1
+
+    def peak(self) -> int:
+        """The most intervals open at once."""
+        return max(0, max(itertools.accumulate(self.delta), default=0))
 
 
-def peak_concurrent(rows: list[dict[str, str]], start: str, end: str) -> int:
-    """Most intervals [start, end) open at once (an empty end means still open)."""
-    points: list[tuple[float, int]] = []
-    for row in rows:
-        if row.get(start) in (None, ""):
-            continue
-        points.append((float(row[start]), 1))
-        if row.get(end) not in (None, ""):
-            points.append((float(row[end]), -1))
-    peak = current = 0
-    for _, delta in sorted(points, key=lambda p: (p[0], p[1])):
-        current += delta
-        peak = max(peak, current)
-    return peak
+def _number(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+class _Tally:
+    """The invocation figures of one function (or of the whole run)."""
+
+    def __init__(self) -> None:
+        self.invocations = 0
+        self.statuses: Counter[str] = Counter()
+        self.throttles: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.cold_starts = 0
+        self.latency, self.duration, self.lag, self.init = Quantiles(), Quantiles(), Quantiles(), Quantiles()
+        self.ideal = IntervalPeak()
+        self.first_start: float | None = None
+        self.last_start: float | None = None
+
+    def add(self, row: dict[str, str]) -> None:
+        self.invocations += 1
+        status = row["status"]
+        self.statuses[status] += 1
+        lag = _number(row.get("lag_ms"))
+        if lag is not None:
+            self.lag.add(lag)
+        if status == "throttled":
+            self.throttles[row["throttle_reason"]] += 1
+            return
+        if status != "ok":
+            self.errors[row["error_kind"]] += 1
+        if row.get("cold") == "1":
+            self.cold_starts += 1
+        for key, sketch in (("latency_ms", self.latency), ("duration_ms", self.duration), ("init_ms", self.init)):
+            value = _number(row.get(key))
+            if value is not None:
+                sketch.add(value)
+        start, scheduled = _number(row.get("start_s")), _number(row.get("scheduled_s"))
+        if start is not None:
+            self.first_start = start if self.first_start is None else min(self.first_start, start)
+            self.last_start = start if self.last_start is None else max(self.last_start, start)
+        if scheduled is not None:
+            # What would overlap had each invocation started on time and taken its own init + duration.
+            busy_s = ((_number(row.get("init_ms")) or 0.0) + (_number(row.get("duration_ms")) or 0.0)) / 1000
+            if status in ("timeout", "crash", "init_error", "out_of_memory", "interrupted"):
+                end = _number(row.get("end_s"))
+                busy_s = max(busy_s, (end - start) if end is not None and start is not None else 0.0)
+            self.ideal.add(scheduled, scheduled + busy_s)
+
+    def figures(self, window_s: float) -> dict[str, Any]:
+        served = self.invocations - self.statuses.get("throttled", 0)
+        return {
+            "invocations": self.invocations,
+            "ok": self.statuses.get("ok", 0),
+            "achieved_rps": round(served / window_s, 3) if window_s else None,
+            "arrival_rps": round(self.invocations / window_s, 3) if window_s else None,
+            "cold_starts": self.cold_starts,
+            "throttles": dict(total=sum(self.throttles.values()), **dict(sorted(self.throttles.items()))),
+            "errors": dict(total=sum(self.errors.values()), **dict(sorted(self.errors.items()))),
+            "statuses": dict(sorted(self.statuses.items())),
+            "latency_ms": self.latency.summary(),
+            "duration_ms": self.duration.summary(),
+            "dispatch_lag_ms": self.lag.summary(),
+            "init_ms": self.init.summary(),
+            "ideal_peak_environments": self.ideal.peak(),
+        }
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
-    """Compute summary.json from the files of a run directory (complete or not)."""
+    """Compute summary.json from the files of a run directory (complete or not), in one streaming pass
+    over each file."""
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    invocations = read_csv(run_dir / "invocations.csv")
-    samples = read_csv(run_dir / "samples.csv")
-    environments = read_csv(run_dir / "environments.csv")
     config = run.get("config", {})
-
-    statuses = Counter(r["status"] for r in invocations)
-    throttles = Counter(r["throttle_reason"] for r in invocations if r["status"] == "throttled")
-    errors = Counter(r["error_kind"] for r in invocations if r["status"] not in ("ok", "throttled"))
-    first_errors: dict[str, str] = {}
-    for r in invocations:
-        if r["status"] not in ("ok", "throttled") and r["error_kind"] not in first_errors:
-            first_errors[r["error_kind"]] = r["message"]
-    served = [r for r in invocations if r["status"] != "throttled"]
     window = run.get("load_window_s") or config.get("duration_s") or 0
-    peak_env_live = peak_concurrent(environments, "created_s", "ended_s")
-    peak_env_samples = max((int(r["envs"]) for r in samples if r.get("envs")), default=0)
 
-    def sample_max(key: str) -> int:
-        return max((int(float(r[key])) for r in samples if r.get(key) not in (None, "")), default=0)
+    total = _Tally()
+    by_function: dict[str, _Tally] = {}
+    first_errors: dict[str, str] = {}
+    for row in iter_csv(run_dir / "invocations.csv"):
+        total.add(row)
+        name = row.get("function") or ""
+        by_function.setdefault(name, _Tally()).add(row)
+        if row["status"] not in ("ok", "throttled") and row["error_kind"] not in first_errors:
+            first_errors[row["error_kind"]] = row["message"]
 
+    env_peak = IntervalPeak()
+    env_peaks: dict[str, IntervalPeak] = {}
+    env_counts: Counter[str] = Counter()
+    environments = 0
+    for row in iter_csv(run_dir / "environments.csv"):
+        environments += 1
+        start, end = _number(row.get("created_s")), _number(row.get("ended_s"))
+        if start is None:
+            continue
+        name = row.get("function") or ""
+        env_counts[name] += 1
+        env_peak.add(start, end)
+        env_peaks.setdefault(name, IntervalPeak()).add(start, end)
+
+    peaks: Counter[str] = Counter()
+    proxy_seen = False
+    samples = 0
+    samples_missed = 0
+    for row in iter_csv(run_dir / "samples.csv"):
+        samples += 1
+        for key in ("connections", "held_frozen", "held_vanished", "envs", "proxy_clients", "proxy_servers",
+                    "proxy_waiting"):
+            value = row.get(key)
+            if value not in (None, ""):
+                peaks[key] = max(peaks[key], int(float(value)))
+        proxy_seen = proxy_seen or row.get("proxy_clients") not in (None, "")
+        samples_missed = max(samples_missed, int(row.get("samples_missed") or 0))
+
+    function_peaks: Counter[str] = Counter()
+    for row in iter_csv(run_dir / "functions.csv"):
+        function_peaks[row["function"]] = max(function_peaks[row["function"]], int(row.get("envs") or 0))
+
+    figures = total.figures(window)
     summary: dict[str, Any] = {
         "run_id": run.get("run_id"),
         "status": run.get("status"),
         "target_rps": config.get("rps"),
-        "achieved_rps": round(len(served) / window, 3) if window else None,
-        "arrival_rps": round(len(invocations) / window, 3) if window else None,
+        "achieved_rps": figures["achieved_rps"],
+        "arrival_rps": figures["arrival_rps"],
         "duration_s": config.get("duration_s"),
-        "invocations": len(invocations),
-        "ok": statuses.get("ok", 0),
-        "cold_starts": sum(1 for r in served if r["cold"] == "1"),
-        "throttles": dict(total=sum(throttles.values()), **dict(sorted(throttles.items()))),
-        "errors": dict(total=sum(errors.values()), **dict(sorted(errors.items()))),
-        "statuses": dict(sorted(statuses.items())),
+        "invocations": figures["invocations"],
+        "ok": figures["ok"],
+        "cold_starts": figures["cold_starts"],
+        "throttles": figures["throttles"],
+        "errors": figures["errors"],
+        "statuses": figures["statuses"],
         "first_error": first_errors,
-        "peak_connections": sample_max("connections"),
+        "peak_connections": peaks["connections"],
         "max_connections": run.get("database", {}).get("max_connections"),
-        "peak_held_by_frozen": sample_max("held_frozen"),
-        "peak_held_by_vanished": sample_max("held_vanished"),
-        "peak_environments": max(peak_env_live, peak_env_samples),
-        "environments": len(environments),
-        "latency_ms": _percentiles(_floats(served, "latency_ms")),
-        "duration_ms": _percentiles(_floats(served, "duration_ms")),
-        "dispatch_lag_ms": _percentiles(_floats(invocations, "lag_ms")),
-        "init_ms": _percentiles(_floats(served, "init_ms")),
+        "peak_held_by_frozen": peaks["held_frozen"],
+        "peak_held_by_vanished": peaks["held_vanished"],
+        "peak_environments": max(env_peak.peak(), peaks["envs"], run.get("peak_environments") or 0),
+        "environments": environments,
+        "latency_ms": figures["latency_ms"],
+        "duration_ms": figures["duration_ms"],
+        "dispatch_lag_ms": figures["dispatch_lag_ms"],
+        "init_ms": figures["init_ms"],
+        "fidelity": {
+            "dispatch_lag_ms": figures["dispatch_lag_ms"],
+            "ideal_peak_environments": figures["ideal_peak_environments"],
+            "samples": samples,
+            "samples_missed": samples_missed,
+        },
     }
-    if any(r.get("proxy_clients") for r in samples):
-        summary["peak_proxy_clients"] = sample_max("proxy_clients")
-        summary["peak_proxy_servers"] = sample_max("proxy_servers")
-        summary["peak_proxy_waiting"] = sample_max("proxy_waiting")
+    if proxy_seen:
+        summary["peak_proxy_clients"] = peaks["proxy_clients"]
+        summary["peak_proxy_servers"] = peaks["proxy_servers"]
+        summary["peak_proxy_waiting"] = peaks["proxy_waiting"]
+    functions: dict[str, Any] = {}
+    for name, tally in sorted(by_function.items()):
+        f = tally.figures(window)
+        f["peak_environments"] = max(env_peaks[name].peak() if name in env_peaks else 0, function_peaks[name])
+        f["environments"] = env_counts[name]
+        functions[name] = f
+    for name in sorted(set(env_counts) - set(functions)):
+        functions[name] = {"invocations": 0, "environments": env_counts[name],
+                           "peak_environments": max(env_peaks[name].peak(), function_peaks[name])}
+    summary["functions"] = functions
     return summary

@@ -1,29 +1,44 @@
 """The Python API: `run(config)` does what `lambdaemu run` does and returns where the results are.
 
 Order matters and is the contract of the CLI: validate everything (settings, handler, server binaries,
-an external database's reachability) before anything starts; then start the zygote (before any thread),
-the database, the sampler; provision; drive the load; and on every exit path stop the environments, the
-sampler and the database, and leave run.json saying how the run ended.
+an external database's reachability) before anything starts; then start the janitor, the zygote and the
+sampler process (before any thread: they are forks of this process), the database; provision; drive the
+load; and on every exit path stop the environments, the sampler and the database, and leave run.json
+saying how the run ended.
+
+Signals (when `handle_signals` is true, as the CLI sets it): SIGINT, SIGTERM and SIGHUP only record and
+wake the loop. During set-up (a database starting) the first one unwinds the set-up; in the loop it asks
+the loop to stop; during the clean-up it is recorded and the clean-up goes on. A second SIGINT or
+SIGTERM makes the clean-up fast: environments are killed without a grace period and the last sample and
+the chart are skipped (the display says so in one line).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from . import databases, load
-from .config import RunConfig
+from .config import FunctionConfig, RunConfig
 from .environment import check_handler
 from .errors import LambdaemuError, RunInterrupted
 from .events import Events
+from .fleet import FleetRecorder, FleetState
+from .janitor import Janitor
+from .loop import Loop
 from .results import RunDirectory, environment_row, host_info, invocation_row, new_run_id, summarize, versions, write_json
-from .sampler import RunStats, Sampler
+from .sampler import SamplerConfig, SamplerProcess
 from .supervisor import Supervisor
+from .zygote import ZygoteClient
+
+#: Signals that stop a run (SIGHUP: the terminal went away).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,7 @@ class RunResult:
     summary: dict[str, Any]
     signal: int | None = None
     error: str = ""
+    notes: tuple[str, ...] = field(default=())
 
     @property
     def exit_code(self) -> int:
@@ -51,7 +67,7 @@ class Display(Protocol):
 
     def start(self, config: RunConfig, run_dir: Path) -> None: ...
     def phase(self, text: str) -> None: ...
-    def update(self, supervisor: Supervisor, stats: RunStats, sampler: Sampler | None) -> None: ...
+    def update(self, supervisor: Supervisor, fleet: FleetState) -> None: ...
     def stop(self) -> None: ...
 
 
@@ -77,13 +93,48 @@ def validate(config: RunConfig, run_id: str) -> databases.Database:
     return databases.create(config, run_id)
 
 
+class _Signals:
+    """What signals do in each phase of a run (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.phase = "setup"  # setup | loop | cleanup
+        self.received: list[int] = []
+        self.supervisor: Supervisor | None = None
+        self.on_fast: Any = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def fast(self) -> bool:
+        """A second stop signal came: clean up without waiting."""
+        return len(self.received) >= 2
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        if self.supervisor is not None:
+            self.supervisor.request_stop(signum)
+        if len(self.received) == 2 and self.on_fast is not None:
+            self.on_fast()
+        if self.phase == "setup" and len(self.received) == 1:
+            raise RunInterrupted(signum)
+
+
 def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator[float] | None = None,
         results_root: Path | str = "results", run_id: str | None = None,
-        handle_signals: bool = True) -> RunResult:
+        handle_signals: bool = False) -> RunResult:
     """Run one emulation and write its run directory. Raises UsageError (nothing started) for bad input.
 
     `arrivals` overrides the schedule from the config (offsets in seconds from the load start), e.g.
-    `load.fixed([0, 0.1, 2.0])` for an exact scenario.
+    `load.fixed([0, 0.1, 2.0])` for an exact scenario. `handle_signals` installs handlers for SIGINT,
+    SIGTERM and SIGHUP for the duration of the run (the CLI does; a library caller decides).
     """
     run_id = run_id or new_run_id()
     db = validate(config, run_id)
@@ -93,78 +144,85 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
     run_dir = Path(config.out) if config.out else Path(results_root) / run_id
     results = RunDirectory(run_dir, run_id)
     results.update(run_id=run_id, status="starting", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   owner={"pid": os.getpid(), "started": _process_start_time()},
                    config=config.public_dict(), seed=seed, versions=versions(), host=host_info())
 
+    signals = _Signals()
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        signals.install()
+
     events = Events()
-    stats = RunStats(events)
+    fleet = FleetState([config.function_name])
+    FleetRecorder(fleet, events, {config.function_name: 0})
     events.invocation_end.add_listener(lambda invocation: results.invocations.write(invocation_row(invocation)))
     events.env_end.add_listener(lambda env: results.environments.write(environment_row(env)))
-
+    loop = Loop()
+    janitor = Janitor(run_id, run_dir, results.logs / "janitor.log")
+    zygote = ZygoteClient(results.logs, run_id, nice=config.env_nice)
+    sampler = SamplerProcess(fleet, results.logs / "sampler.log")
     supervisor: Supervisor | None = None
-    sampler: Sampler | None = None
-    in_loop = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        # Only record; the loop acts on it. Outside the loop (set-up), unwind through the finally below.
-        received.append(signum)
-        if supervisor is not None:
-            supervisor.request_stop(signum)
-        if not in_loop.is_set():
-            raise RunInterrupted(signum)
-
-    previous: dict[int, Any] = {}
-    old_wakeup = None
-    if handle_signals and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-
     status, error, failure = "failed", "", None
     load_window = 0.0
+    notes: list[str] = []
+
+    def say_fast() -> None:
+        notes.append("stopped fast (second signal): environments killed without a grace period; "
+                     "no last sample; chart skipped")
+        if display:
+            display.phase(notes[-1])
+
+    signals.on_fast = say_fast
     try:
         if display:
             display.start(config, run_dir)
             display.phase("starting environments' zygote")
-        supervisor = Supervisor(config, handler_env={}, logs_dir=results.logs, events=events, run_id=run_id,
-                                seed=seed)
-        supervisor.start()  # the last fork of this process: no thread exists yet
-        if previous:
-            old_wakeup = signal.set_wakeup_fd(supervisor.wakeup_fd(), warn_on_full_buffer=False)
+        janitor.start()
+        # Processes of our own, started before any thread exists: they are the last forks of this process.
+        zygote.start()
+        sampler.start()
         if display:
             display.phase(f"starting database ({config.provider})")
         if config.provider != "external":
             db.start()
         results.update(database=db.describe())
-        supervisor.handler_env = function_env(config, db)
-        warm_error = supervisor.warm()
+        env_vars = function_env(config, db)
+        warm_error = zygote.warm(env_vars)
         if warm_error:
             results.update(zygote_warm_error=warm_error)
-        sampler = Sampler(databases.database_view(db), supervisor, stats, results.samples,
-                          interval_s=config.sample_interval_s, proxy=db if config.proxy != "none" else None)
-        sampler.start()
-        in_loop.set()
-        if received:
-            raise RunInterrupted(received[0])
+        supervisor = Supervisor([FunctionConfig.from_run_config(config, env_vars)],
+                                concurrency_limit=config.concurrency_limit, zygote=zygote, loop=loop,
+                                events=events, logs_dir=results.logs, run_id=run_id, seed=seed)
+        supervisor.start()
+        sampler.begin(SamplerConfig(
+            db=databases.database_view(db), proxy=db if config.proxy != "none" else None,
+            interval_s=config.sample_interval_s, t0=supervisor.t0, samples_path=str(results.samples_path),
+            functions_path=str(results.functions_path), functions=(config.function_name,)))
+        signals.supervisor = supervisor
+        signals.phase = "loop"
+        if signals.received:
+            raise RunInterrupted(signals.received[0])
         if config.provisioned:
             if display:
                 display.phase(f"initialising {config.provisioned} provisioned environments")
-            supervisor.provision(config.provisioned)
+            supervisor.provision()
         if display:
             display.phase("running")
         schedule = arrivals if arrivals is not None else load.schedule(config.arrivals, config.rps, config.duration_s, seed)
         load_start = supervisor.now()
         results.update(status="running", load_start_s=round(load_start, 3))
+        supervisor.add_arrivals(config.function_name, schedule, load_start)
 
         def tick() -> None:
             results.flush()
+            assert supervisor is not None
+            supervisor.reap_vanished(fleet.is_released)
             if display:
-                display.update(supervisor, stats, sampler)
+                display.update(supervisor, fleet)
 
-        supervisor.run_load(schedule, load_start=load_start, on_tick=tick)
-        if supervisor.stop_requested is not None:
-            status = "interrupted"
-        else:
-            status = "complete"
+        if signals.received:
+            supervisor.request_stop(signals.received[0])
+        supervisor.run(on_tick=tick)
+        status = "interrupted" if supervisor.stop_requested is not None else "complete"
     except RunInterrupted:
         status = "interrupted"
     except LambdaemuError as exc:
@@ -172,46 +230,66 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
     except BaseException as exc:
         status, error, failure = "failed", f"{type(exc).__name__}: {exc}", exc
         if isinstance(exc, KeyboardInterrupt):
-            status, received = "interrupted", received or [signal.SIGINT]
+            status = "interrupted"
+            signals.received.append(signal.SIGINT)
     finally:
-        in_loop.clear()
-        if display:
-            display.phase("stopping")
-        # Late signals during clean-up must not cut it short.
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        try:
-            if sampler is not None:
-                sampler.stop()
-            if supervisor is not None:
-                if "load_start_s" in results.run_info:
+        while True:
+            # A signal may land before the phase changes (and raise out of set-up code once more): every
+            # step below is idempotent, so the clean-up simply starts again.
+            try:
+                signals.phase = "cleanup"
+                if display:
+                    display.phase("stopping")
+                if supervisor is not None and "load_start_s" in results.run_info:
                     # The window arrivals came in: a config's schedule ends at --duration (what follows
                     # is the drain); a given schedule, or an interrupted run, ends where it ended.
                     elapsed = supervisor.now() - results.run_info["load_start_s"]
                     load_window = min(elapsed, config.duration_s) if arrivals is None else elapsed
-                supervisor.shutdown()
-        finally:
-            db.stop()
-            if old_wakeup is not None:
-                signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            if display:
-                display.stop()
+                _clean_up(supervisor, zygote, sampler, db, signals)
+                break
+            except RunInterrupted:
+                continue
+        if display:
+            display.stop()
         results.update(status=status, error=error, ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                       load_window_s=round(load_window, 3), peak_environments=(
-                           supervisor.peak_environments if supervisor else 0),
-                       signal=signal.Signals(received[0]).name if received else None)
+                       load_window_s=round(load_window, 3),
+                       peak_environments=supervisor.peak_environments if supervisor else 0,
+                       signal=signal.Signals(signals.received[0]).name if signals.received else None)
         results.close()
         summary = summarize(run_dir)
         write_json(run_dir / "summary.json", summary)
-        try:
-            from .plots import chart
+        if not signals.fast:
+            try:
+                from .plots import chart
 
-            chart(run_dir)
-        except Exception as exc:  # noqa: BLE001 - a chart failure must not lose the results
-            (run_dir / "chart.error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+                chart(run_dir)
+            except Exception as exc:  # noqa: BLE001 - a chart failure must not lose the results
+                (run_dir / "chart.error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+        fleet.close()
+        loop.close()
+        janitor.done()
+        signals.restore()
     if failure is not None and not isinstance(failure, (LambdaemuError, KeyboardInterrupt)):
         raise failure
+    received = signals.received
     return RunResult(run_dir=run_dir, status=status, summary=summary,
-                     signal=received[0] if received and status == "interrupted" else None, error=error)
+                     signal=received[0] if received and status == "interrupted" else None, error=error,
+                     notes=tuple(notes))
+
+
+def _clean_up(supervisor: Supervisor | None, zygote: ZygoteClient, sampler: SamplerProcess,
+              db: databases.Database, signals: _Signals) -> None:
+    """Stop everything the run started, in order; each step is idempotent."""
+    try:
+        sampler.stop(fast=signals.fast)
+        if supervisor is not None:
+            supervisor.shutdown(fast=signals.fast)
+        zygote.close()
+    finally:
+        db.stop()
+
+
+def _process_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()

@@ -1,154 +1,218 @@
-"""The sampler: what the database (and the proxy) sees, every `--sample-interval`.
+"""The sampler: what the database (and the proxy) sees, every `--sample-interval`, in its own process.
 
-It runs in its own thread with its own connection (excluded from the counts) and, for each server-side
-connection, finds the environment that owns it and so that environment's state (busy, frozen,
-initialising, vanished, or unknown). Two ties are used: the `lambdaemu-env-<id>` application name every
-environment gets through PGAPPNAME (PostgreSQL, needs no handler code) and, for the rest, the client port
-of the connection matched against the local sockets of environment processes (psutil).
+It runs apart from the supervisor's interpreter so that its queries, its socket scans and its CSV writes
+never take the loop's time (nor its GIL). It reads the fleet (environments, their pids and states, the
+counters) from the shared memory the supervisor keeps (`fleet.py`) and never asks the loop anything.
+
+Each sample is stamped with the time its connections query answered (seconds since the run's t0, the
+same monotonic clock as the supervisor's), each query runs under a statement timeout, and when a sample
+comes late the ticks it missed are dropped and counted (`samples_missed`), never fired in a burst.
+
+For each server-side connection it finds the environment that owns it, and so that environment's state
+(busy, frozen, initialising, vanished, or unknown) and function. Two ties are used: the
+`lambdaemu-env-<id>` application name every environment gets through PGAPPNAME (PostgreSQL, needs no
+handler code) and, for the rest, the connection's client port matched against the sockets of the
+environments' own processes (their /proc/<pid>/fd entries against /proc/net/tcp): never a scan of every
+process on the machine.
 """
 
 from __future__ import annotations
 
-import threading
+import csv
+import math
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
 import time
+import traceback
 from collections import Counter
-from typing import Any, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
-import psutil
+from .environment import APPNAME_PREFIX
+from .fleet import FleetState
+from .processes import child_pythonpath, die_with_parent, set_parent_death_signal, wait_or_kill
+from .results import FUNCTION_SAMPLE_COLUMNS, SAMPLE_COLUMNS
 
-from .databases.base import ConnectionRow, Database
-from .results import SAMPLE_COLUMNS, CsvWriter
-
-APPNAME_PREFIX = "lambdaemu-env-"
-
-
-class RunStats:
-    """Named cumulative counters, updated from supervisor events (see the README's counters table)."""
-
-    KEYS = ("invocations", "ok", "throttles", "errors", "cold_starts", "environments_started",
-            "environments_ended")
-
-    def __init__(self, events: Any) -> None:
-        self.counters = dict.fromkeys(self.KEYS, 0)
-        self.errors_by_kind: Counter[str] = Counter()
-        events.invocation_end.add_listener(self._on_invocation)
-        events.env_start.add_listener(lambda env: self._bump("environments_started"))
-        events.env_end.add_listener(lambda env: self._bump("environments_ended"))
-
-    def _bump(self, key: str) -> None:
-        self.counters[key] += 1
-
-    def _on_invocation(self, invocation: Any) -> None:
-        c = self.counters
-        c["invocations"] += 1
-        if invocation.status == "ok":
-            c["ok"] += 1
-        elif invocation.status == "throttled":
-            c["throttles"] += 1
-        else:
-            c["errors"] += 1
-            self.errors_by_kind[invocation.error_kind] += 1
-        if invocation.cold:
-            c["cold_starts"] += 1
+#: Longest a sampling query may run, whatever the interval (a stuck server must not stop sampling).
+STATEMENT_TIMEOUT_S = 5.0
 
 
-def attribute(rows: list[ConnectionRow], by_id: dict[int, str], by_pid: dict[int, str],
-              port_owner: Callable[[], dict[int, int]]) -> Counter[str]:
-    """Count connections by the state of the owning environment ('unknown' when no tie is found)."""
-    held: Counter[str] = Counter()
+@dataclass(frozen=True)
+class SamplerConfig:
+    """What the sampler process needs, sent once the database is up."""
+
+    db: Any  # a started provider (picklable copy: no process handles), queried for connections
+    proxy: Any  # the proxy provider, or None
+    interval_s: float
+    t0: float  # the supervisor's t0 (time.monotonic() is one clock for every process)
+    samples_path: str
+    functions_path: str
+    functions: tuple[str, ...]
+
+
+# --- attribution ----------------------------------------------------------------------------------------
+
+
+def attribute(rows: Iterable[Any], envs: dict[int, tuple[int, int, str]],
+              port_owner: Callable[[], dict[int, int]]) -> list[tuple[int, int, str] | None]:
+    """For each connection row, the owning environment's (pid, function index, state), or None.
+
+    `envs` maps env id → (pid, function index, state); `port_owner()` (called at most once, only when a
+    name does not tell) maps client port → pid."""
+    by_pid = {pid: info for info in envs.values() if (pid := info[0])}
     ports: dict[int, int] | None = None
+    found: list[tuple[int, int, str] | None] = []
     for row in rows:
-        state = None
-        if row.application_name.startswith(APPNAME_PREFIX):
+        owner = None
+        name = getattr(row, "application_name", "") or ""
+        if name.startswith(APPNAME_PREFIX):
             try:
-                state = by_id.get(int(row.application_name[len(APPNAME_PREFIX):]))
+                owner = envs.get(int(name[len(APPNAME_PREFIX):]))
             except ValueError:
-                state = None
-        if state is None and row.client_port is not None:
+                owner = None
+        if owner is None and row.client_port is not None:
             if ports is None:
-                ports = port_owner()  # only pay for the socket scan when a name does not tell
+                ports = port_owner()
             pid = ports.get(row.client_port)
-            state = by_pid.get(pid) if pid is not None else None
-        held[state or "unknown"] += 1
-    return held
+            owner = by_pid.get(pid) if pid is not None else None
+        found.append(owner)
+    return found
 
 
-def local_port_owners(server_port: int) -> dict[int, int]:
-    """Local port → pid for every TCP connection on this machine to `server_port`."""
-    owners = {}
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.raddr and conn.raddr.port == server_port and conn.pid is not None:
-            owners[conn.laddr.port] = conn.pid
+def _tcp_inodes(server_port: int) -> dict[int, int]:
+    """socket inode → local port of every TCP connection on this machine to `server_port`."""
+    inodes: dict[int, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh, None)
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) < 10:
+                        continue
+                    remote_port = int(fields[2].rpartition(":")[2], 16)
+                    if remote_port == server_port:
+                        inodes[int(fields[9])] = int(fields[1].rpartition(":")[2], 16)
+        except OSError:
+            pass
+    return inodes
+
+
+def port_owners(server_port: int, pids: Iterable[int]) -> dict[int, int]:
+    """Client port → pid for the connections to `server_port` held by `pids` (only their sockets are
+    looked at)."""
+    inodes = _tcp_inodes(server_port)
+    owners: dict[int, int] = {}
+    if not inodes:
+        return owners
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                port = inodes.get(int(target[8:-1]))
+                if port is not None:
+                    owners[port] = pid
     return owners
 
 
-class Sampler(threading.Thread):
-    """Polls the database every `interval_s` and writes one row of samples.csv per poll."""
+# --- the sampler process ----------------------------------------------------------------------------
 
-    def __init__(self, db: Database, supervisor: Any, stats: RunStats, writer: CsvWriter, *,
-                 interval_s: float, proxy: Any = None) -> None:
-        super().__init__(name="lambdaemu-sampler", daemon=True)
-        self.db = db
-        self.proxy = proxy
-        self.supervisor = supervisor
-        self.stats = stats
-        self.writer = writer
-        self.interval_s = interval_s
-        self._stop_event = threading.Event()
+
+class _Sampler:
+    """Takes samples and writes samples.csv and functions.csv (inside the sampler process)."""
+
+    def __init__(self, config: SamplerConfig, fleet: FleetState) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.db = config.db
+        self.proxy = config.proxy
         self._conn: Any = None
         self._proxy_conn: Any = None
-        self.last: dict[str, Any] = {}
         self.samples = 0
+        self.missed = 0
+        self._samples_fh = open(config.samples_path, "a", newline="")
+        self._functions_fh = open(config.functions_path, "a", newline="")
+        self._samples_csv = csv.writer(self._samples_fh)
+        self._functions_csv = csv.writer(self._functions_fh)
 
-    def stop(self) -> None:
-        """Take one last sample and stop."""
-        self._stop_event.set()
-        if self.is_alive():
-            self.join(timeout=10)
+    def close(self) -> None:
         for conn in (self._conn, self._proxy_conn):
-            if conn is not None:
-                try:
-                    conn.close()
-                except Exception:  # noqa: BLE001 - the server may already be gone
-                    pass
+            _close_quietly(conn)
+        self._samples_fh.close()
+        self._functions_fh.close()
 
-    def run(self) -> None:
-        next_at = time.monotonic()
+    def run(self, control: socket.socket) -> None:
+        interval = self.config.interval_s
+        base = self.config.t0
+        tick = math.floor((time.monotonic() - base) / interval) + 1
         while True:
-            self.sample()
-            if self._stop_event.is_set():
-                return
-            next_at += self.interval_s
-            self._stop_event.wait(max(0.0, next_at - time.monotonic()))
+            wait = base + tick * interval - time.monotonic()
+            if wait > 0:
+                ready, _, _ = select.select([control], [], [], wait)
+                if ready:
+                    control.recv(4096)
+                    self._sample_logged()  # the last look at the database, on "stop" and on EOF alike
+                    return
+            self._sample_logged()
+            # A sample that came late (a slow server, a busy machine) drops the ticks it ran over.
+            next_tick = math.floor((time.monotonic() - base) / interval) + 1
+            self.missed += max(0, next_tick - tick - 1)
+            tick = next_tick
 
-    def sample(self) -> dict[str, Any]:
+    def _sample_logged(self) -> None:
+        # A sample that fails for an unforeseen reason is logged and the next tick tries again: the
+        # sampler must outlive any one bad moment of the run.
+        try:
+            self.sample()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+
+    def _connect(self) -> Any:
+        conn = self.db.admin_connect()
+        _set_statement_timeout(conn, self.db.engine, min(max(self.config.interval_s, 1.0), STATEMENT_TIMEOUT_S))
+        return conn
+
+    def sample(self) -> None:
         """Take one sample now and write it."""
-        snap = self.supervisor.snapshot()
+        fleet = self.fleet
         row: dict[str, Any] = dict.fromkeys(SAMPLE_COLUMNS, "")
-        row["t_s"] = round(self.supervisor.now(), 3)
-        counts = snap["counts"]
-        row.update(envs=counts["busy"] + counts["frozen"] + counts["initialising"],
-                   envs_busy=counts["busy"], envs_frozen=counts["frozen"],
-                   envs_initialising=counts["initialising"], envs_vanished=counts["vanished"],
-                   in_flight=snap["in_flight"], max_connections=self.db.max_connections)
-        for key in ("invocations", "throttles", "errors", "cold_starts"):
-            row[key] = self.stats.counters[key]
+        envs = {env_id: (pid, func, state) for env_id, pid, func, state in fleet.environments()}
         errors = []
+        rows: list[Any] = []
+        owners: list[Any] = []
+        queried = time.monotonic()
+        answered = queried
         try:
             if self._conn is None:
-                self._conn = self.db.admin_connect()
+                self._conn = self._connect()
             rows = self.db.connections(self._conn)
-            states = Counter(r.state for r in rows)
-            row.update(connections=len(rows), active=states["active"], idle=states["idle"],
-                       idle_in_transaction=states["idle_in_transaction"], other=states["other"])
+            answered = time.monotonic()
             if hasattr(self.db, "threads_connected"):
                 row["threads_connected"] = self.db.threads_connected(self._conn)
-            if self.proxy is None:
-                self._attribute(row, rows, snap, self.db.port)
-        except Exception as exc:  # noqa: BLE001 - one failed poll must not end the run
+        except Exception as exc:  # noqa: BLE001 - one failed poll must not end the sampling
             errors.append(f"database: {_first_line(exc)}")
             self._conn = _close_quietly(self._conn)
-        if self.proxy is not None:
+            answered = time.monotonic()
+        states = Counter(r.state for r in rows)
+        row.update(connections=len(rows), active=states["active"], idle=states["idle"],
+                   idle_in_transaction=states["idle_in_transaction"], other=states["other"])
+        if self.proxy is None:
+            owners = attribute(rows, envs, lambda: port_owners(self.db.port, (p for p, _, _ in envs.values() if p)))
+        else:
             # Behind a proxy the server's connections belong to the proxy; what environments hold are
             # their client connections to it, so those are what the held_* columns attribute.
             try:
@@ -157,23 +221,66 @@ class Sampler(threading.Thread):
                 stats = self.proxy.stats(self._proxy_conn)
                 row.update(proxy_clients=stats.client_connections, proxy_servers=stats.server_connections,
                            proxy_waiting=stats.waiting_clients, proxy_max_wait_ms=round(stats.max_wait_ms, 1))
-                clients = [ConnectionRow("", port) for port in stats.client_ports]
-                self._attribute(row, clients, snap, self.proxy.port)
+                clients = [_Client(port) for port in stats.client_ports]
+                owners = attribute(clients, envs, lambda: port_owners(self.proxy.port,
+                                                                      (p for p, _, _ in envs.values() if p)))
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"proxy: {_first_line(exc)}")
                 self._proxy_conn = _close_quietly(self._proxy_conn)
-        row["sample_error"] = "; ".join(errors)[:300]
-        self.writer.write([row[c] for c in SAMPLE_COLUMNS])
-        self.last = row
-        self.samples += 1
-        return row
-
-
-    @staticmethod
-    def _attribute(row: dict[str, Any], rows: list[ConnectionRow], snap: dict[str, Any], port: int) -> None:
-        held = attribute(rows, snap["by_id"], snap["by_pid"], lambda: local_port_owners(port))
+        held = Counter(owner[2] if owner else "unknown" for owner in owners)
+        held_by_function = Counter(owner[1] for owner in owners if owner)
         row.update(held_busy=held["busy"], held_frozen=held["frozen"], held_initialising=held["initialising"],
-                   held_vanished=held["vanished"], held_unknown=held["unknown"] + held["ended"])
+                   held_vanished=held["vanished"], held_unknown=held["unknown"])
+        self._release_vanished(envs, owners)
+
+        totals = fleet.totals()
+        t_s = round(answered - self.config.t0, 3)
+        self.samples += 1
+        row.update(t_s=t_s, sample_ms=round((answered - queried) * 1000, 1), samples_missed=self.missed,
+                   envs=totals["initialising"] + totals["busy"] + totals["frozen"],
+                   envs_busy=totals["busy"], envs_frozen=totals["frozen"], envs_initialising=totals["initialising"],
+                   envs_vanished=totals["vanished"], in_flight=totals["busy"] + totals["initialising"],
+                   invocations=totals["invocations"], throttles=totals["throttles"], errors=totals["errors"],
+                   cold_starts=totals["cold_starts"], max_connections=self.db.max_connections,
+                   sample_error="; ".join(errors)[:300])
+        self._samples_csv.writerow([row[c] for c in SAMPLE_COLUMNS])
+        self._samples_fh.flush()
+        for index, name in enumerate(self.config.functions):
+            f = fleet.totals(index)
+            self._functions_csv.writerow([
+                t_s, name, f["initialising"] + f["busy"] + f["frozen"], f["busy"], f["frozen"], f["initialising"],
+                f["vanished"], f["busy"] + f["initialising"], f["invocations"], f["throttles"], f["errors"],
+                f["cold_starts"], held_by_function.get(index, 0)])
+        self._functions_fh.flush()
+        fleet.publish(last_sample_ms=int(t_s * 1000), connections=len(rows), max_connections=self.db.max_connections,
+                      samples=self.samples, samples_missed=self.missed)
+
+    def _release_vanished(self, envs: dict[int, tuple[int, int, str]], owners: list[Any]) -> None:
+        # A vanished environment the server shows no connection of holds nothing any more.
+        holding = {owner[0] for owner in owners if owner and owner[2] == "vanished"}
+        for env_id, (pid, _, state) in envs.items():
+            if state == "vanished" and pid and pid not in holding:
+                self.fleet.release(env_id)
+
+
+@dataclass(frozen=True)
+class _Client:
+    client_port: int
+    application_name: str = ""
+
+
+def _set_statement_timeout(conn: Any, engine: str, seconds: float) -> None:
+    try:
+        if engine == "postgres":
+            conn.execute(f"SET statement_timeout = {int(seconds * 1000)}")
+        else:
+            with conn.cursor() as cur:
+                try:
+                    cur.execute(f"SET SESSION max_statement_time = {seconds:g}")  # MariaDB
+                except Exception:  # noqa: BLE001 - MySQL names it differently (milliseconds)
+                    cur.execute(f"SET SESSION max_execution_time = {int(seconds * 1000)}")
+    except Exception:  # noqa: BLE001 - a server without the setting still gets sampled
+        pass
 
 
 def _first_line(exc: BaseException) -> str:
@@ -188,3 +295,76 @@ def _close_quietly(conn: Any) -> None:
         except Exception:  # noqa: BLE001
             pass
     return None
+
+
+def sampler_main(control_fd: int, fleet_fd: int) -> None:
+    """The sampler process: wait for its configuration, sample until told to stop (or until the
+    supervisor is gone), then exit."""
+    set_parent_death_signal(signal.SIGKILL)
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the supervisor decides when sampling ends
+    control = socket.socket(fileno=control_fd)
+    data = control.recv(1 << 20)
+    if not data or data == b"stop":
+        return  # the run ended before the database was up
+    config: SamplerConfig = pickle.loads(data)
+    fleet = FleetState(config.functions, fd=fleet_fd)
+    sampler = _Sampler(config, fleet)
+    try:
+        sampler.run(control)
+    finally:
+        sampler.close()
+        control.close()
+
+
+# --- the supervisor's handle ------------------------------------------------------------------------
+
+
+class SamplerProcess:
+    """Starts the sampler process (before any thread of this process exists), hands it its
+    configuration once the database is up, and stops it."""
+
+    def __init__(self, fleet: FleetState, log_path: Path) -> None:
+        self.fleet = fleet
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+
+    def start(self) -> None:
+        """Start the process; it waits for `begin`."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from emulator.sampler import sampler_main; "
+                 "sampler_main(int(sys.argv[1]), int(sys.argv[2]))", str(theirs.fileno()), str(self.fleet.fd)],
+                pass_fds=[theirs.fileno(), self.fleet.fd], start_new_session=True, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGKILL),
+                env={**os.environ, "PYTHONPATH": child_pythonpath()},
+            )
+        theirs.close()
+        self.sock = mine
+
+    def begin(self, config: SamplerConfig) -> None:
+        """Start sampling with `config`."""
+        assert self.sock is not None
+        self.sock.send(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def stop(self, timeout_s: float = 10.0, *, fast: bool = False) -> None:
+        """Take a last sample (unless `fast`) and end the process. Idempotent."""
+        if self.sock is not None:
+            try:
+                if fast:
+                    self.sock.close()
+                else:
+                    self.sock.send(b"stop")
+            except OSError:
+                pass
+        if self.proc is not None:
+            if fast:
+                self.proc.kill()
+            wait_or_kill(self.proc, timeout_s)
+            self.proc = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+

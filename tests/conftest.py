@@ -18,7 +18,7 @@ from emulator.config import RunConfig
 from emulator.databases.postgres import PostgresServer
 from emulator.results import read_csv
 from emulator.runner import run
-from emulator.supervisor import RUN_ID_VARIABLE
+from emulator.zygote import RUN_ID_VARIABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ def test_cleanup_kills_processes_of_dead_runs_and_removes_their_directories(tmp_
         assert leftovers(tmp_path) == [orphan_dir]
         lines = list(cleanup(tmp_path))
         assert server.wait(10) is not None
-        assert any(f"killed {server.pid}" in line for line in lines)
+        assert any(f"stopped {server.pid}" in line for line in lines)
         assert f"removed {orphan_dir}" in lines
         assert not orphan_dir.exists() and live_dir.exists()
         assert list(cleanup(tmp_path)) == ["nothing to clean up"]

@@ -71,6 +71,11 @@ class Database:
         self._started = False
         self._stopped = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A started provider is handed to the sampler process: it needs the addresses and credentials,
+        # not the handles of the processes this one started (which cannot cross a process boundary).
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, subprocess.Popen)}
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> "Database":
         """Start (or attach to) the server and return once a real query succeeds."""
