@@ -63,7 +63,7 @@ def run_command(as_json: bool, results_dir: str, **raw: Any) -> None:
     if result.error:
         console.print(f"[red]{result.error}[/]")
     for note in result.notes:
-        console.print(f"[yellow]{note}[/]")
+        click.echo(f"lambdaemu: {note}", err=True)
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
     sys.exit(result.exit_code)

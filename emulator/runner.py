@@ -121,6 +121,8 @@ class _Signals:
         self.received.append(signum)
         if self.supervisor is not None:
             self.supervisor.request_stop(signum)
+            if len(self.received) >= 2:
+                self.supervisor.hurry()
         if len(self.received) == 2 and self.on_fast is not None:
             self.on_fast()
         if self.phase == "setup" and len(self.received) == 1:

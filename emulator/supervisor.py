@@ -147,6 +147,7 @@ class Supervisor:
         self.rng = random.Random(seed)
         self.t0 = self.clock()
         self.stop_requested: int | None = None  # the signal that asked us to stop
+        self.hurried = False  # a second stop request: the shutdown stops waiting
         self.fatal_error: LambdaemuError | None = None
         self.account = Account(concurrency_limit, self.clock)
         self.functions: list[Function] = []
@@ -191,6 +192,11 @@ class Supervisor:
             self.stop_requested = signum
         self.loop.wake()
 
+    def hurry(self) -> None:
+        """Make a shutdown in progress stop waiting for environments to exit gracefully (safe from a
+        signal handler)."""
+        self.hurried = True
+
     def now(self) -> float:
         """Seconds since t0."""
         return self.clock() - self.t0
@@ -209,12 +215,13 @@ class Supervisor:
                 self._finish(env, env.current, now, status="interrupted", kind="interrupted")
             if env.state != ENDED:
                 self._end(env, "run_end", signal_=None)
+        fast = fast or self.hurried
         pending = [env for env in self._by_pid.values() if not env.exit]
         if not fast:
             for env in pending:
                 signal_group(env.pid, signal.SIGCONT)
                 signal_group(env.pid, signal.SIGTERM)
-            self._wait_exits(pending, grace_s)
+            self._wait_exits(pending, grace_s, interruptible=True)
         for env in pending:
             if not env.exit:
                 signal_group(env.pid, signal.SIGKILL)
@@ -224,9 +231,11 @@ class Supervisor:
                 self._exited(env, "unknown")
         self.zygote.close()
 
-    def _wait_exits(self, envs: list[Environment], seconds: float) -> None:
+    def _wait_exits(self, envs: list[Environment], seconds: float, interruptible: bool = False) -> None:
         deadline = time.monotonic() + seconds
         while any(not env.exit for env in envs) and time.monotonic() < deadline and self.zygote.sock is not None:
+            if interruptible and self.hurried:
+                return
             self.loop.poll_io(min(0.05, max(0.0, deadline - time.monotonic())))
 
     # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 import textwrap
 import uuid
 from pathlib import Path
@@ -21,6 +23,8 @@ from emulator.runner import run
 from emulator.zygote import RUN_ID_VARIABLE
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The real command, as a user runs it.
+LAMBDAEMU = [sys.executable, "-m", "emulator.cli"]
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +121,29 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)
     return env
+
+
+def lambdaemu_servers(run_dir: Path | None = None) -> set[int]:
+    """Pids of database servers started by lambdaemu runs (their work directory carries the prefix and
+    the run id); only those of the run in `run_dir` when given."""
+    marker = "lambdaemu-"
+    if run_dir is not None:
+        marker += json.loads((run_dir / "run.json").read_text())["run_id"]
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if marker in cmdline and any(s in cmdline for s in ("postgres", "mariadbd", "mysqld", "pgbouncer")):
+            found.add(proc.pid)
+    return found
+
+
+def wait_for_status(run_json: Path, status: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(run_json.read_text()).get("status") == status:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"run.json never said {status}")

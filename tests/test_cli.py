@@ -13,31 +13,14 @@ import click
 import psutil
 import pytest
 
-from conftest import assert_no_leftovers, cli_env
+from conftest import LAMBDAEMU, assert_no_leftovers, cli_env, lambdaemu_servers, wait_for_status
 from emulator.cli import main
-
-LAMBDAEMU = [sys.executable, "-m", "emulator.cli"]
-
 
 def lambdaemu(*args: str, cwd: Path, timeout: float = 120, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
     env = cli_env()
     if tmpdir is not None:
         env["TMPDIR"] = str(tmpdir)  # where any server work directory of this run would be created
     return subprocess.run([*LAMBDAEMU, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def lambdaemu_servers(run_dir: Path | None = None) -> set[int]:
-    """Pids of database servers started by lambdaemu runs (their work directory carries the prefix and
-    the run id); only those of the run in `run_dir` when given."""
-    marker = "lambdaemu-"
-    if run_dir is not None:
-        marker += json.loads((run_dir / "run.json").read_text())["run_id"]
-    found = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if marker in cmdline and any(s in cmdline for s in ("postgres", "mariadbd", "mysqld", "pgbouncer")):
-            found.add(proc.pid)
-    return found
 
 
 def test_every_command_and_option_has_help():
@@ -113,25 +96,13 @@ def test_handler_with_syntax_error_is_a_usage_error(tmp_path):
     assert "--handler" in result.stderr and "syntax error" in result.stderr
 
 
-def _wait_for_status(run_json: Path, status: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(run_json.read_text()).get("status") == status:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"run.json never said {status}")
-
-
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_everything_and_marks_the_run(tmp_path, sig, code):
     out = tmp_path / "run"
     proc = subprocess.Popen([*LAMBDAEMU, "run", "--rps", "30", "--duration", "60", "--out", str(out)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
-        _wait_for_status(out / "run.json", "running")
+        wait_for_status(out / "run.json", "running")
         time.sleep(2.0)
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert any("zygote_main" in " ".join(p.cmdline()) for p in tree)
@@ -156,7 +127,7 @@ def test_signal_during_database_start_cleans_up(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([*LAMBDAEMU, "run", "--duration", "60", "--out", str(out)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
-    _wait_for_status(out / "run.json", "starting")
+    wait_for_status(out / "run.json", "starting")
     time.sleep(0.3)
     tree = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
