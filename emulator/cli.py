@@ -52,6 +52,9 @@ def run_command(as_json: bool, results_dir: str, **raw: Any) -> None:
     from .runner import run
 
     try:
+        if results_dir.startswith("--"):
+            raise UsageError(f"--results-dir: {results_dir!r} is an option, not a value; give --results-dir a "
+                             "directory")
         config = RunConfig.from_strings(raw)
         result = run(config, display=LiveDisplay(), results_root=results_dir, handle_signals=True)
     except UsageError as exc:
@@ -64,6 +67,8 @@ def run_command(as_json: bool, results_dir: str, **raw: Any) -> None:
         console.print(f"[red]{result.error}[/]")
     for note in result.notes:
         click.echo(f"lambdaemu: {note}", err=True)
+    for warning in result.summary.get("warnings", []):
+        click.echo(f"lambdaemu: warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
     sys.exit(result.exit_code)

@@ -103,6 +103,10 @@ class Setting:
             if self.optional:
                 return None
             raise UsageError(f"{self.flag}: a value is required; {self.expect}")
+        if isinstance(raw, str) and raw.startswith("--"):
+            # `--out --json` would otherwise take "--json" as the directory and drop the flag silently.
+            raise UsageError(f"{self.flag}: {raw!r} is an option, not a value; give {self.flag} a value "
+                             f"({self.expect})")
         try:
             value = _PARSERS[self.kind](self, raw)
         except (ValueError, TypeError):
@@ -306,6 +310,10 @@ SETTINGS: tuple[Setting, ...] = (
             "RDS Proxy IdleClientTimeout → PgBouncer client_idle_timeout.", "proxy",
             minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
     # emulator
+    Setting("baseline", "--baseline", "choice", "on",
+            "Before the load, time one environment's init and two invocations alone, so the summary can show "
+            "how much the load's contention for this machine's CPUs slowed them (off: skip; the handler is then "
+            "never called outside the load).", "emulator", choices=("on", "off"), expect="use on or off"),
     Setting("env_nice", "--env-nice", "int", 10,
             "Scheduling priority (nice) of environments and whatever they start, so the control plane and "
             "the sampler come first for the CPU; 0 runs them at the supervisor's priority.", "emulator",
@@ -365,6 +373,7 @@ class RunConfig:
     proxy_max_idle_percent: int | None = None
     proxy_borrow_timeout_s: float = SETTINGS_BY_NAME["proxy_borrow_timeout_s"].default
     proxy_idle_client_timeout_s: float = SETTINGS_BY_NAME["proxy_idle_client_timeout_s"].default
+    baseline: str = SETTINGS_BY_NAME["baseline"].default
     env_nice: int = SETTINGS_BY_NAME["env_nice"].default
     sample_interval_s: float = SETTINGS_BY_NAME["sample_interval_s"].default
     out: str | None = None

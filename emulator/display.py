@@ -76,17 +76,22 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
     errors = {k: v for k, v in summary.get("errors", {}).items() if k != "total"}
     throttles = {k: v for k, v in summary.get("throttles", {}).items() if k != "total"}
     latency = summary.get("latency_ms", {})
+    lag = summary.get("dispatch_lag_ms", {})
     rows = [
         ("rps (target → achieved)", f"{summary.get('target_rps')} → {summary.get('achieved_rps')}"),
         ("invocations (ok)", f"{summary.get('invocations')} ({summary.get('ok')})"),
         ("cold starts", str(summary.get("cold_starts"))),
-        ("peak environments", str(summary.get("peak_environments"))),
+        ("peak environments (ideal)", f"{summary.get('peak_environments')} "
+                                      f"({summary.get('fidelity', {}).get('ideal_peak_environments')})"),
         ("peak connections / max", Text(f"{peak} / {limit}", style="bold red" if limit and peak and
                                         peak >= limit * 0.9 else "")),
         ("errors", Text(", ".join(f"{k} {v}" for k, v in errors.items()) or "none",
                         style="red" if errors else "green")),
+        ("refused (server / absorbed by pools)", f"{_dash(summary.get('refused_by_server'))} / "
+                                                 f"{summary.get('refused_absorbed_by_libraries', 0)}"),
         ("throttles", ", ".join(f"{k} {v}" for k, v in throttles.items()) or "none"),
         ("latency p50 / p95 / p99 ms", f"{latency.get('p50')} / {latency.get('p95')} / {latency.get('p99')}"),
+        ("dispatch lag p99 / max ms", f"{lag.get('p99')} / {lag.get('max')}"),
         ("run directory", str(run_dir)),
     ]
     if "peak_proxy_clients" in summary:
@@ -95,3 +100,7 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _dash(value: Any) -> str:
+    return "—" if value is None else str(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import socket
 import sys
@@ -50,7 +51,10 @@ class EnvSpec:
     exec_argv: tuple[str, ...] | None = None
 
     def log_path(self, env_id: int) -> str:
-        """The environment's log file (its stdout and stderr, like a CloudWatch log stream)."""
+        """The environment's log file (its stdout and stderr, like a CloudWatch log stream). The baseline
+        environment measured before the load (a negative id) logs to baseline-<function>.log."""
+        if env_id < 0:
+            return os.path.join(self.log_dir, f"baseline-{self.function_name}.log")
         return os.path.join(self.log_dir, f"env-{env_id:05d}.log")
 
 
@@ -137,6 +141,37 @@ def _memory_watchdog(sock: socket.socket, limit_mb: int) -> None:
         time.sleep(0.01)
 
 
+class _AbsorbedErrors(logging.Handler):
+    """Reports database errors that libraries log and handle themselves (psycopg_pool's background
+    connection attempts refused by a full server, retried until the invocation times out), so the
+    supervisor can say why such an invocation failed. At most `LIMIT` reports per second."""
+
+    LIMIT = 20
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(logging.WARNING)
+        self.sock = sock
+        self._second = 0
+        self._sent = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text += f" {record.exc_info[1]}"
+            kind = classify([], text[: TEXT_LIMIT * 4])
+            if kind in ("handler_error", "database_error"):
+                return
+            now = int(time.monotonic())
+            if now != self._second:
+                self._second, self._sent = now, 0
+            if self._sent < self.LIMIT:
+                self._sent += 1
+                send_report(self.sock, ("absorbed", kind))
+        except Exception:  # noqa: BLE001 - reporting must never break the handler's own logging
+            pass
+
+
 def setup_process(spec: EnvSpec, env_id: int, extra_env: dict[str, str]) -> None:
     """Give this (just forked) process its environment's identity: log file on stdout/stderr, working
     directory and environment variables."""
@@ -166,6 +201,14 @@ def environment_main(sock: socket.socket, spec: EnvSpec) -> None:
     if spec.memory_mb:
         threading.Thread(target=_memory_watchdog, args=(sock, spec.memory_mb), daemon=True,
                          name="lambdaemu-memory").start()
+    root = logging.getLogger()
+    if not root.handlers:
+        # What Python would print through its last-resort handler once ours is installed, as Lambda's
+        # runtime writes log records to the log stream.
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+        root.addHandler(console)
+    root.addHandler(_AbsorbedErrors(sock))
     started = time.perf_counter()
     try:
         if spec.init_delay_s:

@@ -164,7 +164,7 @@ class FleetRecorder:
         self.fleet = fleet
         self.index = function_index
         events.env_spawn.add_listener(self._on_spawn)
-        events.env_started.add_listener(lambda env: fleet.set_pid(env.id, env.pid))
+        events.env_started.add_listener(lambda env: env.probe or fleet.set_pid(env.id, env.pid))
         events.env_ready.add_listener(lambda env: self._state(env, "busy"))
         events.env_thaw.add_listener(lambda env: self._state(env, "busy"))
         events.env_freeze.add_listener(lambda env: self._state(env, "frozen"))
@@ -174,19 +174,26 @@ class FleetRecorder:
         events.invocation_end.add_listener(self._on_invocation)
 
     def _state(self, env: Any, state: str | None) -> None:
-        self.fleet.set_state(env.id, self.index[env.function.name], state)
+        if not env.probe:
+            self.fleet.set_state(env.id, self.index[env.function.name], state)
 
     def _on_spawn(self, env: Any) -> None:
+        if env.probe:
+            return
         f = self.index[env.function.name]
         self.fleet.bump("environments_started", f)
         self.fleet.set_state(env.id, f, "initialising")
 
     def _on_end(self, env: Any) -> None:
+        if env.probe:
+            return
         f = self.index[env.function.name]
         self.fleet.set_state(env.id, f, None)
         self.fleet.bump("environments_ended", f)
 
     def _on_invocation(self, invocation: Any) -> None:
+        if invocation.probe:
+            return
         fleet, f = self.fleet, self.index[invocation.function]
         fleet.bump("invocations", f)
         status = invocation.status

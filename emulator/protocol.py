@@ -7,6 +7,9 @@ environment → supervisor   ("ready", init_ms)                                 
                            ("init_error", fatal, error_kind, error_type, message)
                            ("result", request_id, status, error_kind, error_type, message, duration_ms)
                            ("oom", rss_mb)
+                           ("absorbed", error_kind)  a library logged a database error it handled
+                                                     itself (a pool's background connection attempt
+                                                     refused), so it never reached the handler
 
 The environment runs user code, so what comes back is checked before it is believed: size (a datagram
 larger than `MAX_MESSAGE` is cut by the kernel and rejected, never parsed), encoding (JSON, a parser that is
@@ -114,4 +117,5 @@ _SHAPES: dict[str, tuple[tuple[str, Any], ...]] = {
                ("status", lambda v: v in REPORTED_STATUSES), ("error_kind", lambda v: v in _KINDS),
                ("error_type", _text), ("message", _text), ("duration_ms", _number)),
     "oom": (("rss_mb", _number),),
+    "absorbed": (("error_kind", lambda v: v in _KINDS and v),),
 }

@@ -36,12 +36,13 @@ from typing import IO, Any, Iterable, Iterator
 
 INVOCATION_COLUMNS = (
     "seq", "request_id", "function", "scheduled_s", "start_s", "end_s", "lag_ms", "latency_ms", "env_id",
-    "env_pid", "cold", "init_ms", "duration_ms", "status", "error_kind", "error_type", "throttle_reason", "message",
+    "env_pid", "cold", "init_ms", "duration_ms", "status", "error_kind", "error_type", "cause", "absorbed",
+    "throttle_reason", "message",
 )
 
 ENVIRONMENT_COLUMNS = (
     "env_id", "function", "pid", "provisioned", "created_s", "spawned_s", "ready_s", "init_ms", "invocations",
-    "ok", "errors", "end_reason", "vanished", "ended_s", "exit", "exited_s",
+    "ok", "errors", "absorbed", "end_reason", "vanished", "ended_s", "exit", "exited_s",
 )
 
 SAMPLE_COLUMNS = (
@@ -50,8 +51,12 @@ SAMPLE_COLUMNS = (
     "connections", "active", "idle", "idle_in_transaction", "other",
     # the same connections by the state of the environment that owns them
     "held_busy", "held_frozen", "held_initialising", "held_vanished", "held_unknown",
-    # the fleet
-    "envs", "envs_busy", "envs_frozen", "envs_initialising", "envs_vanished", "in_flight",
+    # connection attempts not yet established (authenticating, or being refused); not in `connections`
+    "connecting",
+    # the server's own cumulative counters: sessions it opened (churn) and connections it refused
+    "sessions_opened", "refused",
+    # the fleet; `envs_unconnected`: live environments holding no server connection at that instant
+    "envs", "envs_busy", "envs_frozen", "envs_initialising", "envs_vanished", "envs_unconnected", "in_flight",
     # cumulative counters
     "invocations", "throttles", "errors", "cold_starts",
     "max_connections",
@@ -84,7 +89,7 @@ def invocation_row(inv: Any) -> list[Any]:
         inv.seq, inv.request_id, inv.function, inv.scheduled, inv.start, inv.end,
         (inv.start - inv.scheduled) * 1000, None if throttled else (inv.end - inv.scheduled) * 1000,
         inv.env_id, inv.env_pid, inv.cold, inv.init_ms, inv.duration_ms, inv.status, inv.error_kind,
-        inv.error_type, inv.throttle_reason, inv.message.replace("\n", " ")[:500],
+        inv.error_type, inv.cause, inv.absorbed, inv.throttle_reason, inv.message.replace("\n", " ")[:500],
     )]
 
 
@@ -92,7 +97,8 @@ def environment_row(env: Any) -> list[Any]:
     """A row of environments.csv from a supervisor `Environment`."""
     return [_fmt(v) for v in (
         env.id, env.function.name, env.pid, env.provisioned, env.created, env.spawned_at, env.ready_at, env.init_ms,
-        env.invocations, env.ok, env.errors, env.end_reason, env.vanished, env.ended_at, env.exit, env.exited_at,
+        env.invocations, env.ok, env.errors, env.absorbed, env.end_reason, env.vanished, env.ended_at, env.exit,
+        env.exited_at,
     )]
 
 
@@ -292,6 +298,12 @@ def _number(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
+#: Dispatch lag p99 above which the emulator says it fell behind its schedule.
+LAG_WARNING_MS = 20.0
+#: In-run init or duration p50 this many times the baseline's: the machine's CPUs slowed the handler.
+CONTENTION_WARNING_RATIO = 1.5
+
+
 class _Tally:
     """The invocation figures of one function (or of the whole run)."""
 
@@ -300,10 +312,11 @@ class _Tally:
         self.statuses: Counter[str] = Counter()
         self.throttles: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.causes: Counter[tuple[str, str]] = Counter()
+        self.absorbed = 0
         self.cold_starts = 0
         self.latency, self.duration, self.lag, self.init = Quantiles(), Quantiles(), Quantiles(), Quantiles()
         self.ideal = IntervalPeak()
-        self.first_start: float | None = None
         self.last_start: float | None = None
 
     def add(self, row: dict[str, str]) -> None:
@@ -313,21 +326,23 @@ class _Tally:
         lag = _number(row.get("lag_ms"))
         if lag is not None:
             self.lag.add(lag)
+        start, scheduled = _number(row.get("start_s")), _number(row.get("scheduled_s"))
+        if start is not None:
+            self.last_start = start if self.last_start is None else max(self.last_start, start)
         if status == "throttled":
             self.throttles[row["throttle_reason"]] += 1
             return
         if status != "ok":
             self.errors[row["error_kind"]] += 1
+            if row.get("cause"):
+                self.causes[(row["error_kind"], row["cause"])] += 1
+        self.absorbed += int(row.get("absorbed") or 0)
         if row.get("cold") == "1":
             self.cold_starts += 1
         for key, sketch in (("latency_ms", self.latency), ("duration_ms", self.duration), ("init_ms", self.init)):
             value = _number(row.get(key))
             if value is not None:
                 sketch.add(value)
-        start, scheduled = _number(row.get("start_s")), _number(row.get("scheduled_s"))
-        if start is not None:
-            self.first_start = start if self.first_start is None else min(self.first_start, start)
-            self.last_start = start if self.last_start is None else max(self.last_start, start)
         if scheduled is not None:
             # What would overlap had each invocation started on time and taken its own init + duration.
             busy_s = ((_number(row.get("init_ms")) or 0.0) + (_number(row.get("duration_ms")) or 0.0)) / 1000
@@ -336,16 +351,25 @@ class _Tally:
                 busy_s = max(busy_s, (end - start) if end is not None and start is not None else 0.0)
             self.ideal.add(scheduled, scheduled + busy_s)
 
-    def figures(self, window_s: float) -> dict[str, Any]:
+    def figures(self, window_s: float, load_start: float) -> dict[str, Any]:
         served = self.invocations - self.statuses.get("throttled", 0)
+        # What actually ran: arrivals dispatched late stretch the span they were dispatched over.
+        span = max(window_s, (self.last_start - load_start) if self.last_start is not None else 0.0)
+        causes: dict[str, dict[str, int]] = {}
+        for (kind, cause), n in sorted(self.causes.items()):
+            causes.setdefault(kind, {})[cause] = n
         return {
             "invocations": self.invocations,
             "ok": self.statuses.get("ok", 0),
-            "achieved_rps": round(served / window_s, 3) if window_s else None,
+            "achieved_rps": round(served / span, 3) if span else None,
             "arrival_rps": round(self.invocations / window_s, 3) if window_s else None,
+            "dispatched_rps": round(self.invocations / span, 3) if span else None,
+            "dispatch_span_s": round(span, 3),
             "cold_starts": self.cold_starts,
             "throttles": dict(total=sum(self.throttles.values()), **dict(sorted(self.throttles.items()))),
             "errors": dict(total=sum(self.errors.values()), **dict(sorted(self.errors.items()))),
+            "causes": causes,
+            "absorbed_errors": self.absorbed,
             "statuses": dict(sorted(self.statuses.items())),
             "latency_ms": self.latency.summary(),
             "duration_ms": self.duration.summary(),
@@ -355,12 +379,69 @@ class _Tally:
         }
 
 
+class _Minutes:
+    """The view teams compare with: CloudWatch's DatabaseConnections, 1-minute periods on the wall clock,
+    Average and Maximum of the samples in each."""
+
+    def __init__(self, t0_unix: float | None) -> None:
+        self.t0_unix = t0_unix
+        self.sums: dict[int, list[float]] = {}
+
+    def add(self, t_s: float, connections: int) -> None:
+        if self.t0_unix is None:
+            return
+        minute = int((self.t0_unix + t_s) // 60)
+        entry = self.sums.setdefault(minute, [0.0, 0, 0])
+        entry[0] += connections
+        entry[1] += 1
+        entry[2] = max(entry[2], connections)
+
+    def periods(self) -> list[dict[str, Any]]:
+        return [{"minute": time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime(minute * 60)),
+                 "average": round(total / n, 2), "maximum": int(peak), "samples": int(n)}
+                for minute, (total, n, peak) in sorted(self.sums.items())]
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return round(value / base, 2) if value is not None and base else None
+
+
+def _median(values: list[float]) -> float | None:
+    return percentile(values, 50) if values else None
+
+
+def _warnings(fidelity: dict[str, Any], host_cpus: Any) -> list[str]:
+    """One line per reason not to take this run's figures at face value, with the likely cause and fix."""
+    found = []
+    lag = fidelity["dispatch_lag_ms"]
+    if lag["p99"] is not None and lag["p99"] > LAG_WARNING_MS:
+        found.append(
+            f"the emulator fell behind its schedule: dispatch lag p99 {lag['p99']:g} ms (max {lag['max']:g} ms) "
+            f"against {LAG_WARNING_MS:g} ms; bunched arrivals add environments and connections Lambda would not "
+            f"have. This machine ({host_cpus} CPUs) is too small for this load: lower --rps, or run it where "
+            "there are more CPUs")
+    if fidelity["samples_missed"]:
+        found.append(
+            f"the sampler missed {fidelity['samples_missed']} ticks (longest gap between samples "
+            f"{fidelity['longest_sample_gap_s']:g} s): what the database held between them is unseen; the "
+            "machine or the server was too busy; raise --sample-interval or lower the load")
+    for what, ratio in (("init", fidelity.get("init_ratio_p50")), ("invocations", fidelity.get("duration_ratio_p50"))):
+        if ratio is not None and ratio > CONTENTION_WARNING_RATIO:
+            found.append(
+                f"CPU contention: {what} took {ratio:g}x as long (p50) as in the baseline run alone; environments "
+                "share this machine's CPUs where Lambda gives each its own, so every cold start ran longer and "
+                "needed more environments; lower --rps or the handler's CPU work, or compare with a run on a "
+                "bigger machine")
+    return found
+
+
 def summarize(run_dir: Path) -> dict[str, Any]:
     """Compute summary.json from the files of a run directory (complete or not), in one streaming pass
     over each file."""
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     config = run.get("config", {})
     window = run.get("load_window_s") or config.get("duration_s") or 0
+    load_start = run.get("load_start_s") or 0.0
 
     total = _Tally()
     by_function: dict[str, _Tally] = {}
@@ -375,9 +456,13 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     env_peak = IntervalPeak()
     env_peaks: dict[str, IntervalPeak] = {}
     env_counts: Counter[str] = Counter()
+    per_env_invocations: list[int] = []
     environments = 0
+    absorbed = 0
     for row in iter_csv(run_dir / "environments.csv"):
         environments += 1
+        per_env_invocations.append(int(row.get("invocations") or 0))
+        absorbed += int(row.get("absorbed") or 0)
         start, end = _number(row.get("created_s")), _number(row.get("ended_s"))
         if start is None:
             continue
@@ -388,23 +473,67 @@ def summarize(run_dir: Path) -> dict[str, Any]:
 
     peaks: Counter[str] = Counter()
     proxy_seen = False
-    samples = 0
-    samples_missed = 0
+    samples = samples_missed = 0
+    longest_gap = 0.0
+    previous_t: float | None = None
+    unconnected_while_frozen_hold = 0
+    minutes = _Minutes(run.get("t0_unix"))
+    opened_first = opened_last = refused_first = refused_last = None
+    peak_opened_per_s = 0.0
+    previous_opened: tuple[float, int] | None = None
     for row in iter_csv(run_dir / "samples.csv"):
         samples += 1
-        for key in ("connections", "held_frozen", "held_vanished", "envs", "proxy_clients", "proxy_servers",
-                    "proxy_waiting"):
+        t = float(row["t_s"])
+        if previous_t is not None:
+            longest_gap = max(longest_gap, t - previous_t)
+        previous_t = t
+        for key in ("connections", "connecting", "held_frozen", "held_vanished", "envs", "proxy_clients",
+                    "proxy_servers", "proxy_waiting"):
             value = row.get(key)
             if value not in (None, ""):
                 peaks[key] = max(peaks[key], int(float(value)))
+        if row.get("connections") not in (None, ""):
+            minutes.add(t, int(row["connections"]))
+        if int(row.get("held_frozen") or 0) > 0:
+            unconnected_while_frozen_hold = max(unconnected_while_frozen_hold, int(row.get("envs_unconnected") or 0))
         proxy_seen = proxy_seen or row.get("proxy_clients") not in (None, "")
         samples_missed = max(samples_missed, int(row.get("samples_missed") or 0))
+        if row.get("sessions_opened") not in (None, ""):
+            opened = int(row["sessions_opened"])
+            opened_first = opened if opened_first is None else opened_first
+            opened_last = opened
+            if previous_opened is not None and t > previous_opened[0]:
+                peak_opened_per_s = max(peak_opened_per_s, (opened - previous_opened[1]) / (t - previous_opened[0]))
+            previous_opened = (t, opened)
+        if row.get("refused") not in (None, ""):
+            refused = int(row["refused"])
+            refused_first = refused if refused_first is None else refused_first
+            refused_last = refused
 
     function_peaks: Counter[str] = Counter()
     for row in iter_csv(run_dir / "functions.csv"):
         function_peaks[row["function"]] = max(function_peaks[row["function"]], int(row.get("envs") or 0))
 
-    figures = total.figures(window)
+    figures = total.figures(window, load_start)
+    baseline = run.get("baseline") or {}
+    base_init = _median([b["init_ms"] for b in baseline.values() if b.get("init_ms") is not None])
+    base_duration = _median([d for b in baseline.values() for d in b.get("duration_ms") or []])
+    fidelity: dict[str, Any] = {
+        "dispatch_lag_ms": figures["dispatch_lag_ms"],
+        "dispatched_rps": figures["dispatched_rps"],
+        "dispatch_span_s": figures["dispatch_span_s"],
+        "ideal_peak_environments": figures["ideal_peak_environments"],
+        "samples": samples,
+        "samples_missed": samples_missed,
+        "longest_sample_gap_s": round(longest_gap, 3),
+        "baseline": baseline,
+        "init_ratio_p50": _ratio(figures["init_ms"]["p50"], base_init),
+        "init_ratio_p99": _ratio(figures["init_ms"]["p99"], base_init),
+        "duration_ratio_p50": _ratio(figures["duration_ms"]["p50"], base_duration),
+        "duration_ratio_p99": _ratio(figures["duration_ms"]["p99"], base_duration),
+    }
+    busiest = sorted(per_env_invocations, reverse=True)[:max(1, math.ceil(len(per_env_invocations) / 10))]
+    served = sum(per_env_invocations)
     summary: dict[str, Any] = {
         "run_id": run.get("run_id"),
         "status": run.get("status"),
@@ -417,24 +546,31 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "cold_starts": figures["cold_starts"],
         "throttles": figures["throttles"],
         "errors": figures["errors"],
+        "causes": figures["causes"],
         "statuses": figures["statuses"],
         "first_error": first_errors,
         "peak_connections": peaks["connections"],
         "max_connections": run.get("database", {}).get("max_connections"),
+        "peak_connecting": peaks["connecting"],
+        "connections_opened": (opened_last - opened_first) if opened_first is not None else None,
+        "peak_connections_opened_per_s": round(peak_opened_per_s, 1) if opened_first is not None else None,
+        "refused_by_server": (refused_last - refused_first) if refused_first is not None else None,
+        "refused_absorbed_by_libraries": absorbed,
         "peak_held_by_frozen": peaks["held_frozen"],
         "peak_held_by_vanished": peaks["held_vanished"],
         "peak_environments": max(env_peak.peak(), peaks["envs"], run.get("peak_environments") or 0),
         "environments": environments,
+        "where_errors_land": {
+            "busiest_10pct_share": round(sum(busiest) / served, 3) if served else None,
+            "busiest_environment_invocations": busiest[0] if busiest else 0,
+            "peak_unconnected_environments_while_frozen_hold": unconnected_while_frozen_hold,
+        },
         "latency_ms": figures["latency_ms"],
         "duration_ms": figures["duration_ms"],
         "dispatch_lag_ms": figures["dispatch_lag_ms"],
         "init_ms": figures["init_ms"],
-        "fidelity": {
-            "dispatch_lag_ms": figures["dispatch_lag_ms"],
-            "ideal_peak_environments": figures["ideal_peak_environments"],
-            "samples": samples,
-            "samples_missed": samples_missed,
-        },
+        "fidelity": fidelity,
+        "cloudwatch_database_connections": minutes.periods(),
     }
     if proxy_seen:
         summary["peak_proxy_clients"] = peaks["proxy_clients"]
@@ -442,7 +578,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         summary["peak_proxy_waiting"] = peaks["proxy_waiting"]
     functions: dict[str, Any] = {}
     for name, tally in sorted(by_function.items()):
-        f = tally.figures(window)
+        f = tally.figures(window, load_start)
         f["peak_environments"] = max(env_peaks[name].peak() if name in env_peaks else 0, function_peaks[name])
         f["environments"] = env_counts[name]
         functions[name] = f
@@ -450,4 +586,5 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         functions[name] = {"invocations": 0, "environments": env_counts[name],
                            "peak_environments": max(env_peaks[name].peak(), function_peaks[name])}
     summary["functions"] = functions
+    summary["warnings"] = _warnings(fidelity, run.get("host", {}).get("cpus"))
     return summary

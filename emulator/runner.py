@@ -156,8 +156,9 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
     events = Events()
     fleet = FleetState([config.function_name])
     FleetRecorder(fleet, events, {config.function_name: 0})
-    events.invocation_end.add_listener(lambda invocation: results.invocations.write(invocation_row(invocation)))
-    events.env_end.add_listener(lambda env: results.environments.write(environment_row(env)))
+    events.invocation_end.add_listener(
+        lambda invocation: invocation.probe or results.invocations.write(invocation_row(invocation)))
+    events.env_end.add_listener(lambda env: env.probe or results.environments.write(environment_row(env)))
     loop = Loop()
     janitor = Janitor(run_id, run_dir, results.logs / "janitor.log")
     zygote = ZygoteClient(results.logs, run_id, nice=config.env_nice)
@@ -195,6 +196,8 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
                                 concurrency_limit=config.concurrency_limit, zygote=zygote, loop=loop,
                                 events=events, logs_dir=results.logs, run_id=run_id, seed=seed)
         supervisor.start()
+        # The wall-clock time of t0, for views aligned on the clock (CloudWatch's 1-minute periods).
+        results.update(t0_unix=round(time.time() - supervisor.now(), 3))
         sampler.begin(SamplerConfig(
             db=databases.database_view(db), proxy=db if config.proxy != "none" else None,
             interval_s=config.sample_interval_s, t0=supervisor.t0, samples_path=str(results.samples_path),
@@ -203,6 +206,10 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
         signals.phase = "loop"
         if signals.received:
             raise RunInterrupted(signals.received[0])
+        if config.baseline == "on":
+            if display:
+                display.phase("measuring one environment alone (baseline)")
+            results.update(baseline={config.function_name: supervisor.measure_baseline(config.function_name)})
         if config.provisioned:
             if display:
                 display.phase(f"initialising {config.provisioned} provisioned environments")

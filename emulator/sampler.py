@@ -203,13 +203,18 @@ class _Sampler:
             answered = time.monotonic()
             if hasattr(self.db, "threads_connected"):
                 row["threads_connected"] = self.db.threads_connected(self._conn)
+            if hasattr(self.db, "counters"):
+                counters = self.db.counters(self._conn)
+                row.update(sessions_opened=_blank(counters.sessions_opened), refused=_blank(counters.refused))
         except Exception as exc:  # noqa: BLE001 - one failed poll must not end the sampling
             errors.append(f"database: {_first_line(exc)}")
             self._conn = _close_quietly(self._conn)
             answered = time.monotonic()
         states = Counter(r.state for r in rows)
-        row.update(connections=len(rows), active=states["active"], idle=states["idle"],
-                   idle_in_transaction=states["idle_in_transaction"], other=states["other"])
+        # Attempts still authenticating (or being refused) are not connections the server holds.
+        established = len(rows) - states["connecting"]
+        row.update(connections=established, connecting=states["connecting"], active=states["active"],
+                   idle=states["idle"], idle_in_transaction=states["idle_in_transaction"], other=states["other"])
         if self.proxy is None:
             owners = attribute(rows, envs, lambda: port_owners(self.db.port, (p for p, _, _ in envs.values() if p)))
         else:
@@ -228,6 +233,8 @@ class _Sampler:
                 errors.append(f"proxy: {_first_line(exc)}")
                 self._proxy_conn = _close_quietly(self._proxy_conn)
         held = Counter(owner[2] if owner else "unknown" for owner in owners)
+        holders = {owner[0] for owner in owners if owner}
+        unconnected = sum(1 for pid, _, state in envs.values() if state in ("busy", "frozen") and pid not in holders)
         held_by_function = Counter(owner[1] for owner in owners if owner)
         row.update(held_busy=held["busy"], held_frozen=held["frozen"], held_initialising=held["initialising"],
                    held_vanished=held["vanished"], held_unknown=held["unknown"])
@@ -239,7 +246,8 @@ class _Sampler:
         row.update(t_s=t_s, sample_ms=round((answered - queried) * 1000, 1), samples_missed=self.missed,
                    envs=totals["initialising"] + totals["busy"] + totals["frozen"],
                    envs_busy=totals["busy"], envs_frozen=totals["frozen"], envs_initialising=totals["initialising"],
-                   envs_vanished=totals["vanished"], in_flight=totals["busy"] + totals["initialising"],
+                   envs_vanished=totals["vanished"], envs_unconnected=unconnected,
+                   in_flight=totals["busy"] + totals["initialising"],
                    invocations=totals["invocations"], throttles=totals["throttles"], errors=totals["errors"],
                    cold_starts=totals["cold_starts"], max_connections=self.db.max_connections,
                    sample_error="; ".join(errors)[:300])
@@ -252,7 +260,7 @@ class _Sampler:
                 f["vanished"], f["busy"] + f["initialising"], f["invocations"], f["throttles"], f["errors"],
                 f["cold_starts"], held_by_function.get(index, 0)])
         self._functions_fh.flush()
-        fleet.publish(last_sample_ms=int(t_s * 1000), connections=len(rows), max_connections=self.db.max_connections,
+        fleet.publish(last_sample_ms=int(t_s * 1000), connections=established, max_connections=self.db.max_connections,
                       samples=self.samples, samples_missed=self.missed)
 
     def _release_vanished(self, envs: dict[int, tuple[int, int, str]], owners: list[Any]) -> None:
@@ -267,6 +275,10 @@ class _Sampler:
 class _Client:
     client_port: int
     application_name: str = ""
+
+
+def _blank(value: int | None) -> Any:
+    return "" if value is None else value
 
 
 def _set_statement_timeout(conn: Any, engine: str, seconds: float) -> None:

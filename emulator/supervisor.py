@@ -72,6 +72,11 @@ class Invocation:
     error_type: str = ""
     message: str = ""
     throttle_reason: str = ""
+    #: Database errors a library handled itself during this invocation (e.g. refused pool connections).
+    absorbed: int = 0
+    #: Why it failed, when its error kind alone does not say (a timeout behind refused connections).
+    cause: str = ""
+    probe: bool = False
 
 
 @dataclass(eq=False)
@@ -94,6 +99,8 @@ class Environment:
     invocations: int = 0
     ok: int = 0
     errors: int = 0
+    absorbed: int = 0
+    probe: bool = False
     current: Invocation | None = None
     timeout_timer: Timer | None = None
     timers: tuple[Timer, ...] = ()
@@ -254,6 +261,45 @@ class Supervisor:
         if self.fatal_error is not None:
             raise self.fatal_error
 
+    def measure_baseline(self, function: str, invocations: int = 2) -> dict[str, Any]:
+        """Before load, with nothing else running: start one environment of `function`, invoke it
+        `invocations` times, end it, and return its `init_ms` and `duration_ms` (each invocation's), or
+        an `error`. Its environment and invocations are marked `probe` (writers and counters skip them)."""
+        f = self.by_name[function]
+        c = f.config
+        env = self._spawn(f, provisioned=False, probe=True)
+        durations: list[float] = []
+        error = ""
+        for i in range(invocations):
+            inv = Invocation(0, f"{self._request_prefix}{0xFFFFFFF00000 + i:012x}", f.name, self.now(), probe=True)
+            if i == 0:
+                inv.cold = True
+                self._invoke(env, inv, self.now(), thaw=False)
+            else:
+                taken = f.idle.pop()
+                if taken is not env:
+                    error = "the baseline environment ended"
+                    break
+                self._invoke(env, inv, self.now(), thaw=True)
+            deadline = self.clock() + c.init_limit_s + c.timeout_s + 5
+            while not inv.status and self.clock() < deadline and self.fatal_error is None \
+                    and self.stop_requested is None:
+                self.loop.run_once(until=deadline)
+            if inv.status != "ok":
+                error = f"{inv.status or 'no answer'}: {inv.message}"[:300]
+                break
+            durations.append(round(inv.duration_ms or 0.0, 3))
+        init_ms = env.init_ms
+        if env.state != ENDED:
+            self._end(env, "baseline", signal_=signal.SIGKILL)
+        if self.fatal_error is not None:
+            raise self.fatal_error
+        result: dict[str, Any] = {"init_ms": round(init_ms, 3) if init_ms is not None else None,
+                                  "duration_ms": durations}
+        if error:
+            result["error"] = error
+        return result
+
     def add_arrivals(self, function: str, arrivals: Iterator[float], load_start: float) -> None:
         """Schedule `arrivals` (offsets in seconds from `load_start`, itself seconds since t0) for a
         function. Each arrival is dispatched by the loop when it falls due (open loop)."""
@@ -349,8 +395,9 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------------
     # environments
 
-    def _spawn(self, function: Function, *, provisioned: bool) -> Environment:
-        env = Environment(id=next(self._env_ids), function=function, provisioned=provisioned, created=self.now())
+    def _spawn(self, function: Function, *, provisioned: bool, probe: bool = False) -> Environment:
+        env_id = -1 - function.index if probe else next(self._env_ids)
+        env = Environment(id=env_id, function=function, provisioned=provisioned, created=self.now(), probe=probe)
         self._envs[env.id] = env
         self.zygote.spawn(env.id, function.index)
         function.counts[INITIALISING] += 1
@@ -473,6 +520,12 @@ class Supervisor:
             self._end(env, "init_error", signal_=None)
         elif kind == "oom":
             env.oom = True
+        elif kind == "absorbed":
+            env.absorbed += 1
+            inv = env.current
+            if inv is not None:
+                inv.absorbed += 1
+                inv.cause = inv.cause or message[1]
 
     def _protocol_error(self, env: Environment, reason: str) -> None:
         """The environment broke the channel's contract: fail what it was doing and discard it."""
@@ -494,6 +547,8 @@ class Supervisor:
                 type_name: str = "", message: str = "") -> None:
         inv.end = now
         inv.status, inv.error_kind, inv.error_type, inv.message = status, kind, type_name, message
+        if status == "ok" or inv.cause == kind:
+            inv.cause = ""  # absorbed errors that did not make it fail (or say no more than its kind)
         env.current = None
         if env.timeout_timer is not None:
             env.timeout_timer.cancel()

@@ -64,6 +64,8 @@ def scenario(tmp_path: Path, postgres: PostgresServer):
     def _run(arrivals: list[float], *, handler: str | None = None, **settings: Any) -> Scenario:
         settings.setdefault("init_delay_s", 0)
         settings.setdefault("sample_interval_s", 0.2)
+        # These scenarios count environments and handler calls exactly: no baseline environment first.
+        settings.setdefault("baseline", "off")
         if settings.get("provider", "external") == "external":
             settings.update(provider="external", db_url=postgres.url)
         config = RunConfig(out=str(tmp_path / "run"), duration_s=max(arrivals, default=0) + 0.001,
