@@ -184,6 +184,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("arrivals", "--arrivals", "choice", "poisson",
             "Arrival process: poisson (exponential gaps, open loop) or constant (evenly spaced).", "load",
             choices=("poisson", "constant"), expect="use poisson or constant"),
+    Setting("profile", "--profile", "text", None,
+            "Load profile instead of a fixed --rps: constant:R, poisson:R, ramp:FROM..TO/DUR, step:T=R,T=R, "
+            "spike:BASE,PEAK@AT+LEN, replay:FILE; segments joined with ' + ', each /DURATION (see Load profiles).",
+            "load", optional=True, expect="e.g. ramp:10..200/60s or 'poisson:50/30s + spike:50,400@10s+5s/30s'"),
     Setting("seed", "--seed", "int", None, "Random seed for arrivals and routing (default: random, recorded in run.json).",
             "load", optional=True, expect="use a whole number, e.g. 42"),
     # function
@@ -337,6 +341,7 @@ class RunConfig:
     rps: float = SETTINGS_BY_NAME["rps"].default
     duration_s: float = SETTINGS_BY_NAME["duration_s"].default
     arrivals: str = SETTINGS_BY_NAME["arrivals"].default
+    profile: str | None = None
     seed: int | None = None
     function_name: str = SETTINGS_BY_NAME["function_name"].default
     handler: str = DEFAULT_HANDLER
@@ -469,6 +474,15 @@ class RunConfig:
 
             check_reservations(self.concurrency_limit, [(self.function_name, self.reserved_concurrency)],
                                reserved_flag="--reserved-concurrency")
+        if self.profile is not None:
+            from .load import parse_profile
+
+            try:
+                parsed = parse_profile(self.profile)
+            except ValueError as exc:
+                raise UsageError(f"--profile: {exc}; e.g. ramp:10..200/60s, or see the README's load profiles") from None
+            # The run lasts as long as the profile (a segment without a duration takes --duration).
+            object.__setattr__(self, "duration_s", parsed.total_s(self.duration_s))
         if not _FUNCTION_NAME.match(self.function_name):
             raise UsageError(f"--function-name: {self.function_name!r} is not valid; use 1 to 64 letters, digits, "
                              "hyphens or underscores, as Lambda function names")

@@ -216,7 +216,8 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
             supervisor.provision()
         if display:
             display.phase("running")
-        schedule = arrivals if arrivals is not None else load.schedule(config.arrivals, config.rps, config.duration_s, seed)
+        schedule = arrivals if arrivals is not None else load.schedule(config.arrivals, config.rps, config.duration_s,
+                                                                       seed, config.profile)
         load_start = supervisor.now()
         results.update(status="running", load_start_s=round(load_start, 3))
         supervisor.add_arrivals(config.function_name, schedule, load_start)
