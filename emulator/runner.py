@@ -18,9 +18,9 @@ from typing import Any, Iterator, Protocol
 
 from . import databases, load
 from .config import RunConfig
-from .environment import check_handler
 from .errors import LambdaemuError, RunInterrupted
 from .events import Events
+from .handlers import check_handler
 from .results import RunDirectory, environment_row, host_info, invocation_row, new_run_id, summarize, versions, write_json
 from .sampler import RunStats, Sampler
 from .supervisor import Supervisor
