@@ -8,6 +8,7 @@ the same one-line message naming the flag and the fix, and exit status 2.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Any
 
@@ -19,7 +20,9 @@ from .errors import LambdaemuError, UsageError
 
 def _settings_options(func: Any) -> Any:
     for setting in reversed(SETTINGS):
-        extra = f" [default: {setting.default_text()}]" if setting.default is not None and not setting.multiple else ""
+        shown = [f"default: {setting.default_text()}"] if setting.default is not None and not setting.multiple else []
+        shown += [f"accepted: {setting.accepted()}"] if setting.accepted() else []
+        extra = f" [{'; '.join(shown)}]" if shown else ""
         choices = f" ({'|'.join(setting.choices)})" if setting.choices else ""
         func = click.option(setting.flag, setting.name, type=str, default=None, multiple=setting.multiple,
                             metavar=setting.kind.upper() if not setting.choices else "CHOICE",
@@ -32,7 +35,19 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Commands(click.Group):
+    """click turns Ctrl-C into "Aborted!" and exit status 1; lambdaemu's promise is 130 (128 + SIGINT),
+    whenever it comes: while validating, starting a database or cleaning up."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("lambdaemu: interrupted", err=True)
+            sys.exit(128 + signal.SIGINT)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="lambdaemu")
 def main() -> None:
     """Emulate AWS Lambda scaling against a real database and record what the database sees."""

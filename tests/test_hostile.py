@@ -171,3 +171,77 @@ def test_handler_found_on_pythonpath_as_environments_would(tmp_path):
     result = subprocess.run([*LAMBDAEMU, "run", "--handler", "deep.app:nope", "--results-dir", "r"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2 and "has no function 'nope'" in result.stderr, result.stderr
+
+
+# --- 2. absurd values ------------------------------------------------------------------------------------
+
+HUGE = "1" + "0" * 400
+
+
+@pytest.mark.parametrize("args, flag, says", [
+    (["--rps", HUGE], "--rps", "is not valid"),
+    (["--duration", HUGE], "--duration", "is not valid"),
+    (["--work", HUGE + "ms"], "--work", "is not valid"),
+    (["--scale-rate", f"10/{HUGE}s"], "--scale-rate", "is not valid"),
+    (["--scale-rate", "1000000000000/10s"], "--scale-rate", "1 to 100000"),
+    (["--pool-max", str(10**30)], "--pool-max", "1 to 10000"),
+    (["--concurrency-limit", str(10**9)], "--concurrency-limit", "1 to 100000"),
+    (["--memory", str(10**12)], "--memory", "16 to 10240"),
+    (["--timeout", "100h"], "--timeout", "up to 15m"),
+    (["--env-idle-ttl", "100000h"], "--env-idle-ttl", "up to 168h"),
+    (["--max-connections", str(10**7)], "--max-connections", "3 to 262143"),
+    (["--seed", str(10**40)], "--seed", "out of range"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
+def test_absurd_values_are_refused_with_the_range(tmp_path, args, flag, says):
+    line = refused(tmp_path, *args, *UNREACHABLE_DB, flag=flag)
+    assert says in line and len(line) < 300, line
+
+
+def test_env_messages_show_the_bad_item_and_the_limit(tmp_path):
+    line = refused(tmp_path, "--env", "GOOD=1", "--env", "NOEQUALS", flag="--env")
+    assert "'NOEQUALS'" in line and "(" not in line.split("--env:")[1].split("is not")[0], line
+    line = refused(tmp_path, "--env", "BIG=" + "x" * 5000, *UNREACHABLE_DB, flag="--env")
+    assert "4096 bytes" in line
+
+
+@pytest.mark.parametrize("settings", [
+    {"rps": float("inf")}, {"duration_s": float("inf")}, {"timeout_s": 1e300}, {"pool_max": 10**30},
+    {"scale_rate": (10**12, 10.0)}, {"scale_rate": (10, float("inf"))}, {"init_limit_s": 1e9},
+])
+def test_python_api_refuses_the_same_values(settings):
+    with pytest.raises(UsageError, match="out of range|is not valid"):
+        RunConfig(**settings)
+
+
+def _silent_server() -> socket.socket:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(60)
+    return server
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
+def test_ctrl_c_while_validating_is_130_not_aborted(tmp_path, scheme):
+    server = _silent_server()
+    url = f"{scheme}://u:p@127.0.0.1:{server.getsockname()[1]}/db"
+    proc = subprocess.Popen([*LAMBDAEMU, "run", "--db-url", url, "--results-dir", str(tmp_path / "results")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        client, _ = server.accept()  # lambdaemu is now waiting on the server: validation is under way
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.close()
+    assert proc.returncode == 130, stderr
+    assert "Aborted" not in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "results").exists()
+    client.close()
+
+
+def test_readme_states_each_range_and_why():
+    readme = (ROOT / "README.md").read_text()
+    assert "| `--pool-max` | 1 to 10000 |" in readme
+    assert "| `--timeout` | above 0, up to 15m | Lambda's longest function timeout" in readme
