@@ -5,18 +5,32 @@ Everything a run starts is labelled with its run id: work directories are
 that made them, and server processes name their work directory on their command line. A directory
 whose owner is gone is a leftover: its processes are stopped and the directory removed. Environments
 and the zygote need no sweep: they die with their parent (PR_SET_PDEATHSIG).
+
+Run directories name their owner too (run.json `owner`: pid and process start time). A run whose
+run.json still says `starting` or `running` while its owner is gone was killed outright (SIGKILL, a
+crash of the machine): it is marked `killed`, with when that was noticed, and its summary.json and
+chart.png are recomputed from what the files hold.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import psutil
 
 from .databases.base import WORKDIR_PREFIX
+from .processes import identity_alive
+from .results import earlier_run, write_json, write_summary_and_chart
+
+#: run.json statuses of a run that has not ended yet.
+UNFINISHED = ("starting", "running")
 
 
 def owner_alive(workdir: Path) -> bool:
@@ -40,9 +54,76 @@ def leftovers(root: Path | None = None) -> list[Path]:
     return [p for p in sorted(base.glob(f"{WORKDIR_PREFIX}*")) if p.is_dir() and not owner_alive(p)]
 
 
-def cleanup(root: Path | None = None) -> Iterator[str]:
-    """Stop the processes of leftover work directories and remove them; yield one line per action."""
+def killed_runs(results_dir: Path) -> list[Path]:
+    """Run directories in `results_dir` whose run.json says the run has not ended but whose owner is
+    gone. A run.json without an owner (written before owners were recorded) cannot tell: left alone."""
+    found = []
+    for run_json in sorted(Path(results_dir).glob("*/run.json")):
+        try:
+            info = earlier_run(run_json.parent)
+        except ValueError:
+            continue
+        if info and info["status"] in UNFINISHED and info.get("owner") and not identity_alive(info["owner"]):
+            found.append(run_json.parent)
+    return found
+
+
+def mark_killed(run_dir: Path) -> dict[str, Any]:
+    """Mark the run in `run_dir` killed and recompute its summary and chart; returns its run.json."""
+    info = json.loads((run_dir / "run.json").read_text())
+    # A process killed mid-write leaves at most one partial row at the end of each file.
+    for name in ("invocations.csv", "environments.csv", "samples.csv"):
+        _drop_partial_row(run_dir / name)
+    info.update(status="killed", killed_noticed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                error=f"the lambdaemu process (pid {info['owner']['pid']}) ended without finishing the run "
+                      "(killed outright)")
+    if "load_start_s" in info:
+        # The window arrivals came in, as far as the files show: up to the last arrival or sample.
+        last = max(_column_max(run_dir / "invocations.csv", "scheduled_s"), _column_max(run_dir / "samples.csv", "t_s"))
+        window = max(0.0, last - info["load_start_s"])
+        duration = info.get("config", {}).get("duration_s")
+        info["load_window_s"] = round(min(window, duration) if duration else window, 3)
+    write_json(run_dir / "run.json", info)
+    write_summary_and_chart(run_dir)
+    return info
+
+
+def _drop_partial_row(path: Path) -> None:
+    try:
+        with open(path, "rb+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            # Rows are one line each (messages are written without newlines) and short: look back 1 MiB.
+            fh.seek(max(0, size - (1 << 20)))
+            tail = fh.read()
+            if tail and not tail.endswith(b"\n"):
+                fh.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
+def _column_max(path: Path, column: str) -> float:
+    # Streamed: a long run's CSV need not fit in memory.
+    best = 0.0
+    try:
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    best = max(best, float(row.get(column) or 0))
+                except ValueError:
+                    pass
+    except FileNotFoundError:
+        pass
+    return best
+
+
+def cleanup(root: Path | None = None, results_dir: Path | None = None) -> Iterator[str]:
+    """Mark runs in `results_dir` killed outright as killed, stop the processes of leftover work
+    directories and remove them; yield one line per action."""
     found = False
+    for run_dir in killed_runs(results_dir) if results_dir is not None else []:
+        found = True
+        info = mark_killed(run_dir)
+        yield f"marked {run_dir} killed (its lambdaemu process {info['owner']['pid']} is gone); summary recomputed"
     for workdir in leftovers(root):
         found = True
         marker = str(workdir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -58,7 +59,9 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout (progress stays on stderr).")
 @click.option("--results-dir", default="results", show_default=True,
               help="Where run directories are created when --out is not given.")
-def run_command(as_json: bool, results_dir: str, **raw: Any) -> None:
+@click.option("--force", is_flag=True,
+              help="Let --out be the directory of an earlier, finished run: its files are removed first.")
+def run_command(as_json: bool, results_dir: str, force: bool, **raw: Any) -> None:
     """Start a database, drive open-loop load through emulated Lambda environments, and write a run
     directory (samples, invocations, environments, logs, summary.json, chart.png)."""
     from rich.console import Console
@@ -68,7 +71,7 @@ def run_command(as_json: bool, results_dir: str, **raw: Any) -> None:
 
     try:
         config = RunConfig.from_strings(raw)
-        result = run(config, display=LiveDisplay(), results_root=results_dir)
+        result = run(config, display=LiveDisplay(), results_root=results_dir, force=force)
     except UsageError as exc:
         _fail(str(exc), 2)
     except LambdaemuError as exc:
@@ -83,12 +86,15 @@ def run_command(as_json: bool, results_dir: str, **raw: Any) -> None:
 
 
 @main.command("cleanup")
-def cleanup_command() -> None:
+@click.option("--results-dir", default="results", show_default=True,
+              help="Where to look for runs whose lambdaemu process was killed outright, to mark them killed.")
+def cleanup_command(results_dir: str) -> None:
     """Remove what interrupted runs left behind: servers, environments and work directories labelled
-    lambdaemu (safe to run any time; running runs are left alone)."""
+    lambdaemu; mark runs whose process was killed outright as killed and recompute their summary and
+    chart (safe to run any time; running runs are left alone)."""
     from .cleanup import cleanup
 
-    for line in cleanup():
+    for line in cleanup(results_dir=Path(results_dir)):
         click.echo(line)
 
 

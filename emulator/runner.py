@@ -21,7 +21,8 @@ from .config import RunConfig
 from .errors import LambdaemuError, RunInterrupted
 from .events import Events
 from .handlers import check_handler
-from .results import RunDirectory, environment_row, host_info, invocation_row, new_run_id, summarize, versions, write_json
+from .results import (RunDirectory, check_run_dir, environment_row, host_info, invocation_row, new_run_id, versions,
+                      write_summary_and_chart)
 from .sampler import RunStats, Sampler
 from .supervisor import Supervisor
 
@@ -79,19 +80,23 @@ def validate(config: RunConfig, run_id: str) -> databases.Database:
 
 def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator[float] | None = None,
         results_root: Path | str = "results", run_id: str | None = None,
-        handle_signals: bool = True) -> RunResult:
+        handle_signals: bool = True, force: bool = False) -> RunResult:
     """Run one emulation and write its run directory. Raises UsageError (nothing started) for bad input.
+
+    `force` lets `config.out` be the directory of an earlier, finished run: its files are replaced.
 
     `arrivals` overrides the schedule from the config (offsets in seconds from the load start), e.g.
     `load.fixed([0, 0.1, 2.0])` for an exact scenario.
     """
     run_id = run_id or new_run_id()
     db = validate(config, run_id)
+    run_dir = Path(config.out) if config.out else Path(results_root) / run_id
+    check_run_dir(run_dir, option="--out" if config.out else "--results-dir", given=config.out or str(results_root),
+                  force=force)
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
     if config.provider == "external":
         db.start()  # attaches only: an unreachable --db-url is a usage error, before anything starts
-    run_dir = Path(config.out) if config.out else Path(results_root) / run_id
-    results = RunDirectory(run_dir, run_id)
+    results = RunDirectory(run_dir, run_id, replace=force)
     results.update(run_id=run_id, status="starting", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    config=config.public_dict(), seed=seed, versions=versions(), host=host_info())
 
@@ -203,14 +208,7 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
                            supervisor.peak_environments if supervisor else 0),
                        signal=signal.Signals(received[0]).name if received else None)
         results.close()
-        summary = summarize(run_dir)
-        write_json(run_dir / "summary.json", summary)
-        try:
-            from .plots import chart
-
-            chart(run_dir)
-        except Exception as exc:  # noqa: BLE001 - a chart failure must not lose the results
-            (run_dir / "chart.error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+        summary = write_summary_and_chart(run_dir)
     if failure is not None and not isinstance(failure, (LambdaemuError, KeyboardInterrupt)):
         raise failure
     return RunResult(run_dir=run_dir, status=status, summary=summary,

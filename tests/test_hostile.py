@@ -24,6 +24,7 @@ from conftest import assert_no_leftovers, cli_env
 from emulator.config import RunConfig
 from emulator.errors import UsageError
 from emulator.plots import chart
+from emulator.processes import process_identity
 from emulator.results import read_csv
 from test_cli import LAMBDAEMU, _wait_for_status, lambdaemu
 
@@ -245,3 +246,145 @@ def test_readme_states_each_range_and_why():
     readme = (ROOT / "README.md").read_text()
     assert "| `--pool-max` | 1 to 10000 |" in readme
     assert "| `--timeout` | above 0, up to 15m | Lambda's longest function timeout" in readme
+
+
+# --- 3. output paths --------------------------------------------------------------------------------------
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:
+        return Path("/sys/devices")  # sysfs refuses new directories even to root
+    tmp_path.chmod(0o555)
+    return tmp_path
+
+
+@pytest.mark.parametrize("option, make, says", [
+    ("--out", lambda t: t / "afile", "is not a directory"),
+    ("--out", lambda t: t / "afile" / "run", "cannot be created"),
+    ("--results-dir", lambda t: t / "afile", "is not a directory"),
+    ("--out", lambda t: Path("/proc/lambdaemu-test/run"), "cannot write"),
+    ("--out", lambda t: Path("/proc/self"), "cannot write"),
+    ("--out", lambda t: _read_only_dir(t) / "lambdaemu-test-run", "cannot write"),
+    ("--out", lambda t: t / ("x" * 300), "cannot"),
+], ids=["out-file", "out-under-file", "results-dir-file", "proc", "proc-self", "read-only", "name-too-long"])
+def test_unwritable_output_is_one_line_exit_2(tmp_path, option, make, says):
+    (tmp_path / "afile").write_text("not a directory\n")
+    target = make(tmp_path)
+    args = ["run", option, str(target), *UNREACHABLE_DB]
+    if option == "--out":
+        args += ["--results-dir", str(tmp_path / "results")]
+    result = subprocess.run([*LAMBDAEMU, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env=cli_env())
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"lambdaemu: error: {option}: ") and str(target) in lines[0], lines[0]
+    assert says in lines[0], lines[0]
+    assert os.listdir(tmp_path) == ["afile"] and (tmp_path / "afile").read_text() == "not a directory\n"
+
+
+def test_out_holding_an_earlier_run_needs_force(tmp_path, postgres):
+    out = tmp_path / "run"
+    first = end_to_end(tmp_path, postgres, "--out", str(out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    first_id = json.loads((out / "run.json").read_text())["run_id"]
+    (out / "logs" / "env-99999.log").write_text("from the first run\n")
+    (out / "notes.txt").write_text("the user's own file\n")
+
+    again = end_to_end(tmp_path, postgres, "--out", str(out))
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert f"already holds run {first_id}" in again.stderr and "--force" in again.stderr
+    assert json.loads((out / "run.json").read_text())["run_id"] == first_id
+
+    forced = end_to_end(tmp_path, postgres, "--out", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["run_id"] != first_id and run["status"] == "complete"
+    assert not (out / "logs" / "env-99999.log").exists()  # nothing of the first run is mixed in
+    assert (out / "notes.txt").read_text() == "the user's own file\n"  # what lambdaemu did not write stays
+
+
+@pytest.mark.parametrize("content", [b'{"not": "a run"}', b"\x00junk", b"[1, 2]"])
+def test_force_never_empties_a_directory_lambdaemu_did_not_write(tmp_path, content):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "run.json").write_bytes(content)
+    (out / "samples.csv").write_text("their data\n")
+    line = refused(tmp_path, "--out", str(out), "--force", flag="--out")
+    assert "not a lambdaemu run directory" in line
+    assert (out / "samples.csv").read_text() == "their data\n" and (out / "run.json").read_bytes() == content
+
+
+# --- 4. runs killed outright ------------------------------------------------------------------------------
+
+
+def _fake_run(results: Path, name: str, status: str, owner: dict | None) -> Path:
+    run_dir = results / name
+    (run_dir / "logs").mkdir(parents=True)
+    info = {"run_id": name, "status": status, "config": {"duration_s": 10}}
+    if owner is not None:
+        info["owner"] = owner
+    (run_dir / "run.json").write_text(json.dumps(info))
+    return run_dir
+
+
+def test_cleanup_marks_a_run_killed_with_sigkill(tmp_path, postgres):
+    results = tmp_path / "results"
+    proc = subprocess.Popen([*LAMBDAEMU, "run", "--provider", "external", "--db-url", postgres.url, "--rps", "20",
+                             "--duration", "60", "--work", "50ms", "--init-delay", "0", "--sample-interval",
+                             "200ms", "--results-dir", str(results)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**cli_env(), "TMPDIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 60
+        while not list(results.glob("*/run.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run_dir = next(results.glob("*"))
+        owner = json.loads((run_dir / "run.json").read_text())["owner"]  # there from the first write
+        assert owner == process_identity(proc.pid)
+        _wait_for_status(run_dir / "run.json", "running")
+        time.sleep(2.5)
+        # While it runs, nobody may take its directory, not even with --force; cleanup leaves it alone.
+        taken = lambdaemu("run", "--out", str(run_dir), "--force", *UNREACHABLE_DB, cwd=tmp_path)
+        assert taken.returncode == 2 and "still going" in taken.stderr, taken.stderr
+        alive = lambdaemu("cleanup", "--results-dir", str(results), cwd=tmp_path, tmpdir=tmp_path)
+        assert "marked" not in alive.stdout
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    psutil.wait_procs(tree, timeout=10)
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "running" and not (run_dir / "summary.json").exists()
+    with open(run_dir / "invocations.csv", "a") as fh:
+        fh.write("999999,half-written-row")  # what a kill in the middle of a write leaves
+
+    result = lambdaemu("cleanup", "--results-dir", str(results), cwd=tmp_path, tmpdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"marked {run_dir} killed" in result.stdout
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "killed" and run["killed_noticed_at"] and str(proc.pid) in run["error"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = read_csv(run_dir / "invocations.csv")
+    assert summary["status"] == "killed" and summary["invocations"] == len(rows) > 10
+    assert "999999" not in [row["seq"] for row in rows]
+    assert 1.0 < run["load_window_s"] < 60 and summary["achieved_rps"] > 5
+    assert (run_dir / "chart.png").stat().st_size > 0
+    assert_no_leftovers(run["run_id"])
+    again = lambdaemu("cleanup", "--results-dir", str(results), cwd=tmp_path, tmpdir=tmp_path)
+    assert again.stdout.strip() == "nothing to clean up"
+
+
+def test_cleanup_tells_live_owners_reused_pids_and_unknown_owners_apart(tmp_path):
+    results = tmp_path / "results"
+    me = process_identity()
+    live = _fake_run(results, "live", "running", me)
+    reused = _fake_run(results, "reused", "running", {"pid": me["pid"], "started": me["started"] - 3600})
+    unknown = _fake_run(results, "unknown", "running", None)
+    done = _fake_run(results, "done", "complete", {"pid": 1, "started": 0})
+    result = lambdaemu("cleanup", "--results-dir", str(results), cwd=tmp_path, tmpdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    status = {d.name: json.loads((d / "run.json").read_text())["status"] for d in (live, reused, unknown, done)}
+    assert status == {"live": "running", "reused": "killed", "unknown": "running", "done": "complete"}
+    assert (reused / "summary.json").exists() and (reused / "chart.png").exists()
