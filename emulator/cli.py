@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,19 @@ def run_command(as_json: bool, results_dir: str, force: bool, **raw: Any) -> Non
     from .display import LiveDisplay, summary_table
     from .runner import run
 
-    try:
-        config = RunConfig.from_strings(raw)
-        result = run(config, display=LiveDisplay(), results_root=results_dir, force=force)
-    except UsageError as exc:
-        _fail(str(exc), 2)
-    except LambdaemuError as exc:
-        _fail(str(exc), 1)
+    # A library's warning (matplotlib on a chart with nothing to draw, a driver's deprecation) is not
+    # for the user's terminal: it goes to the run's logs/, next to the environments' own output.
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            config = RunConfig.from_strings(raw)
+            result = run(config, display=LiveDisplay(), results_root=results_dir, force=force)
+        except UsageError as exc:
+            _fail(str(exc), 2)
+        except LambdaemuError as exc:
+            _fail(str(exc), 1)
+    if caught:
+        with open(result.run_dir / "logs" / "lambdaemu.log", "a") as log:
+            log.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
     console = Console(stderr=as_json)
     console.print(summary_table(result.summary, result.run_dir))
     if result.error:

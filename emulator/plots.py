@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 from .results import read_csv
 
@@ -19,6 +20,13 @@ STATE_COLOURS = {"active": "#d62728", "idle_in_transaction": "#ff7f0e", "idle": 
 
 def _series(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(r[key]) if r.get(key) not in (None, "") else 0.0 for r in rows]
+
+
+def _legend(ax: Any, **options: Any) -> None:
+    # A run that ended before anything was drawn (failed or stopped while starting) has no labelled
+    # artist; matplotlib would warn on the user's terminal about an empty legend.
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
 
 
 def chart(run_dir: Path, path: Path | None = None) -> Path:
@@ -57,7 +65,7 @@ def chart(run_dir: Path, path: Path | None = None) -> Path:
     if max_conn:
         ax_conn.axhline(max_conn, color="red", linewidth=2, label=f"max_connections = {max_conn}")
     ax_conn.set_ylabel("database connections")
-    ax_conn.legend(loc="upper left", fontsize=8, ncol=2)
+    _legend(ax_conn, loc="upper left", fontsize=8, ncol=2)
     ax_conn.grid(alpha=0.3)
 
     if samples:
@@ -67,8 +75,7 @@ def chart(run_dir: Path, path: Path | None = None) -> Path:
             if any(values):
                 ax_env.step(t, values, where="post", color=colour, label=key.replace("envs_", ""))
     ax_env.set_ylabel("environments")
-    if ax_env.get_legend_handles_labels()[0]:
-        ax_env.legend(loc="upper left", fontsize=8, ncol=4)
+    _legend(ax_env, loc="upper left", fontsize=8, ncol=4)
     ax_env.grid(alpha=0.3)
 
     per_second: dict[str, Counter[int]] = defaultdict(Counter)
@@ -88,8 +95,7 @@ def chart(run_dir: Path, path: Path | None = None) -> Path:
             bottom = [b + y for b, y in zip(bottom, ys)]
     ax_inv.set_ylabel("invocations / s")
     ax_inv.set_xlabel("seconds since run start")
-    if per_second:
-        ax_inv.legend(loc="upper left", fontsize=8, ncol=4)
+    _legend(ax_inv, loc="upper left", fontsize=8, ncol=4)
     ax_inv.grid(alpha=0.3)
 
     fig.tight_layout()

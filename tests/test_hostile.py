@@ -388,3 +388,45 @@ def test_cleanup_tells_live_owners_reused_pids_and_unknown_owners_apart(tmp_path
     status = {d.name: json.loads((d / "run.json").read_text())["status"] for d in (live, reused, unknown, done)}
     assert status == {"live": "running", "reused": "killed", "unknown": "running", "done": "complete"}
     assert (reused / "summary.json").exists() and (reused / "chart.png").exists()
+
+
+# --- 5. noise ------------------------------------------------------------------------------------------
+
+
+def _only_lambdaemu_lines(stderr: str) -> None:
+    for marker in ("Warning", "Traceback", 'File "', "warn("):
+        assert marker not in stderr, stderr
+
+
+def test_run_stopped_while_starting_prints_no_warning(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*LAMBDAEMU, "run", "--duration", "60", "--out", str(out)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        _wait_for_status(out / "run.json", "starting")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    _only_lambdaemu_lines(stderr)
+    assert (out / "chart.png").exists()
+
+
+def test_failed_run_prints_only_lambdaemu_lines(tmp_path, postgres):
+    (tmp_path / "broken.py").write_text("import no_such_dependency_anywhere\n\n"
+                                        "def handler(event, context):\n    return 1\n")
+    result = end_to_end(tmp_path, postgres, "--handler", "broken.py:handler", "--out", str(tmp_path / "run"))
+    assert result.returncode == 1
+    _only_lambdaemu_lines(result.stderr)
+    assert "no_such_dependency_anywhere" in result.stdout  # the reason is still said, with the summary
+
+
+def test_chart_of_a_run_that_recorded_nothing_warns_nothing(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "x", "status": "failed"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chart(tmp_path)
+    assert (tmp_path / "chart.png").stat().st_size > 0
