@@ -1,15 +1,22 @@
-"""`lambdaemu cleanup` and the janitor: find and remove what runs left behind.
+"""`lambdaemu cleanup`: find and remove what runs left behind.
 
 Everything a run starts is labelled with its run id: work directories are
 `$TMPDIR/lambdaemu-<run-id>-<kind>-*` holding an `owner.pid` file with the pid of the lambdaemu process
 that made them, server processes name their work directory on their command line, and the zygote, the
 environments and whatever a handler started (detached or not) carry `LAMBDAEMU_RUN_ID=<run-id>` in their
 environment. A directory whose owner is gone is a leftover: its processes are stopped and the directory
-removed.
+removed. A run's janitor (`janitor.py`) does all of this for its own run as soon as the run is killed;
+`lambdaemu cleanup` is for what even the janitor could not do (a machine that went down, say).
+
+Run directories name their owner too (run.json `owner`: pid and process start time). A run whose
+run.json still says `starting` or `running` while its owner is gone was killed outright (SIGKILL, a
+crash of the machine): it is marked `killed`, with when that was noticed, and its summary.json and
+chart.png are recomputed from what the files hold.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -17,24 +24,29 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import psutil
 
 from .databases.base import WORKDIR_PREFIX
+from .processes import identity_alive
+from .results import earlier_run, write_json, write_summary_and_chart
 from .zygote import RUN_ID_VARIABLE
 
-#: Run statuses that mean "the run was still going"; one whose owner is gone was killed.
+#: run.json statuses of a run that has not ended yet.
 UNFINISHED = ("starting", "running")
 
 
 def owner_alive(workdir: Path) -> bool:
     """Whether the lambdaemu process that created `workdir` is still running."""
     try:
-        pid_text, created_text = (workdir / "owner.pid").read_text().split()[:2]
-        proc = psutil.Process(int(pid_text))
-        created = float(created_text)
-    except (psutil.NoSuchProcess, OSError, ValueError):
+        pid = int((workdir / "owner.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        proc = psutil.Process(pid)
+        created = float((workdir / "owner.pid").read_text().split()[1])
+    except (psutil.NoSuchProcess, OSError, ValueError, IndexError):
         return False
     # Guard against pid reuse: the owner must have started before it wrote the file.
     return proc.create_time() <= created + 1
@@ -62,8 +74,8 @@ def labelled_processes(run_id: str) -> list[psutil.Process]:
     return found
 
 
-def _stop_workdir_processes(workdir: Path) -> Iterator[str]:
-    """Stop the servers of a work directory: SIGTERM, a grace period, then SIGKILL."""
+def _stop_workdir(workdir: Path) -> Iterator[str]:
+    """Stop the servers of a work directory (SIGTERM, a grace period, then SIGKILL) and remove it."""
     marker = str(workdir)
     procs = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -88,36 +100,13 @@ def _stop_workdir_processes(workdir: Path) -> Iterator[str]:
     psutil.wait_procs(alive, timeout=5)
     for proc, cmdline in procs:
         yield f"stopped {proc.pid} ({cmdline[:80]})"
-
-
-def mark_killed(run_dir: Path) -> bool:
-    """If run.json says the run was still going, mark it `killed` and recompute its summary and chart
-    from its files. Returns whether it did."""
-    from .results import summarize, write_json
-
-    path = run_dir / "run.json"
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    if info.get("status") not in UNFINISHED:
-        return False
-    info.update(status="killed", error="the lambdaemu process ended without cleaning up (killed)",
-                ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_json(path, info)
-    write_json(run_dir / "summary.json", summarize(run_dir))
-    try:
-        from .plots import chart
-
-        chart(run_dir)
-    except Exception as exc:  # noqa: BLE001 - a chart failure must not hide the rest
-        (run_dir / "chart.error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
-    return True
+    shutil.rmtree(workdir, ignore_errors=True)
+    yield f"removed {workdir}"
 
 
 def cleanup_run(run_id: str, run_dir: Path | None = None, root: Path | None = None) -> Iterator[str]:
     """Everything one dead run left: its labelled processes, its work directories (and their servers),
-    and run.json's status. Yields one line per action."""
+    and, when its run.json still says it was going, its status (`killed`). Yields one line per action."""
     procs = labelled_processes(run_id)
     for proc in procs:
         try:
@@ -128,20 +117,92 @@ def cleanup_run(run_id: str, run_dir: Path | None = None, root: Path | None = No
     for proc in procs:
         yield f"killed {proc.pid} (run {run_id})"
     for workdir in leftovers(root, run_id):
-        yield from _stop_workdir_processes(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
-        yield f"removed {workdir}"
-    if run_dir is not None and mark_killed(run_dir):
-        yield f"marked {run_dir} killed"
+        yield from _stop_workdir(workdir)
+    if run_dir is not None:
+        try:
+            info = earlier_run(run_dir)
+        except ValueError:
+            info = None
+        if info and info["status"] in UNFINISHED:
+            mark_killed(run_dir)
+            yield f"marked {run_dir} killed"
 
 
-def cleanup(root: Path | None = None) -> Iterator[str]:
-    """Stop the processes of leftover work directories and remove them; yield one line per action."""
+def killed_runs(results_dir: Path) -> list[Path]:
+    """Run directories in `results_dir` whose run.json says the run has not ended but whose owner is
+    gone. A run.json without an owner (written before owners were recorded) cannot tell: left alone."""
+    found = []
+    for run_json in sorted(Path(results_dir).glob("*/run.json")):
+        try:
+            info = earlier_run(run_json.parent)
+        except ValueError:
+            continue
+        if info and info["status"] in UNFINISHED and info.get("owner") and not identity_alive(info["owner"]):
+            found.append(run_json.parent)
+    return found
+
+
+def mark_killed(run_dir: Path) -> dict[str, Any]:
+    """Mark the run in `run_dir` killed and recompute its summary and chart; returns its run.json."""
+    info = json.loads((run_dir / "run.json").read_text())
+    # A process killed mid-write leaves at most one partial row at the end of each file.
+    for name in ("invocations.csv", "environments.csv", "samples.csv"):
+        _drop_partial_row(run_dir / name)
+    info.update(status="killed", killed_noticed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                error=f"the lambdaemu process (pid {info['owner']['pid']}) ended without finishing the run "
+                      "(killed outright)")
+    if "load_start_s" in info:
+        # The window arrivals came in, as far as the files show: up to the last arrival or sample.
+        last = max(_column_max(run_dir / "invocations.csv", "scheduled_s"), _column_max(run_dir / "samples.csv", "t_s"))
+        window = max(0.0, last - info["load_start_s"])
+        duration = info.get("config", {}).get("duration_s")
+        info["load_window_s"] = round(min(window, duration) if duration else window, 3)
+    write_json(run_dir / "run.json", info)
+    write_summary_and_chart(run_dir)
+    return info
+
+
+def _drop_partial_row(path: Path) -> None:
+    try:
+        with open(path, "rb+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            # Rows are one line each (messages are written without newlines) and short: look back 1 MiB.
+            fh.seek(max(0, size - (1 << 20)))
+            tail = fh.read()
+            if tail and not tail.endswith(b"\n"):
+                fh.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
+def _column_max(path: Path, column: str) -> float:
+    # Streamed: a long run's CSV need not fit in memory.
+    best = 0.0
+    try:
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    best = max(best, float(row.get(column) or 0))
+                except ValueError:
+                    pass
+    except FileNotFoundError:
+        pass
+    return best
+
+
+def cleanup(root: Path | None = None, results_dir: Path | None = None) -> Iterator[str]:
+    """Mark runs in `results_dir` killed outright as killed, stop the processes of leftover work
+    directories and remove them; yield one line per action."""
     found = False
+    killed = killed_runs(results_dir) if results_dir is not None else []
+    for run_dir in killed:
+        found = True
+        info = mark_killed(run_dir)
+        yield f"marked {run_dir} killed (its lambdaemu process {info['owner']['pid']} is gone); summary recomputed"
+    for run_dir in killed:
+        yield from cleanup_run(json.loads((run_dir / "run.json").read_text())["run_id"])
     for workdir in leftovers(root):
         found = True
-        yield from _stop_workdir_processes(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
-        yield f"removed {workdir}"
+        yield from _stop_workdir(workdir)
     if not found:
         yield "nothing to clean up"

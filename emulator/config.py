@@ -27,12 +27,15 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 def parse_duration(text: str) -> float:
     """Parse `300ms`, `5s`, `10m`, `2h` or a bare number of seconds into seconds (float).
 
-    Raises ValueError for anything else (e.g. `5x`, `-1s`).
+    Raises ValueError for anything else (e.g. `5x`, `-1s`, or digits enough to overflow to infinity).
     """
     match = _DURATION.match(str(text))
     if not match:
         raise ValueError(text)
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(text)
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -45,19 +48,26 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _parse_scale_rate(text: str) -> tuple[int, float]:
-    """`1000/10s` → (1000 environments, 10.0 seconds)."""
-    count, _, window = str(text).partition("/")
-    if not window:
-        raise ValueError(text)
-    n = int(count)
-    w = parse_duration(window)
-    if n < 1 or w <= 0:
-        raise ValueError(text)
+def _parse_scale_rate(raw: Any) -> tuple[int, float]:
+    """`1000/10s` (or the tuple itself) → (1000 environments, 10.0 seconds), within SCALE_RATE_LIMITS."""
+    if isinstance(raw, tuple):
+        n, w = raw
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(raw)
+        w = _parse_duration_value(None, w)
+    else:
+        count, _, window = str(raw).partition("/")
+        if not window:
+            raise ValueError(raw)
+        n, w = int(count), parse_duration(window)
+    (n_low, n_high), (w_low, w_high) = SCALE_RATE_LIMITS
+    if not (n_low <= n <= n_high and w_low < w <= w_high):
+        raise ValueError(raw)
     return n, w
 
 
 def _parse_env_pairs(values: Any) -> tuple[tuple[str, str], ...]:
+    # A bad item is raised alone, so the message shows it rather than the whole list.
     if isinstance(values, Mapping):
         values = [f"{k}={v}" for k, v in values.items()]
     if isinstance(values, str):
@@ -76,6 +86,13 @@ def _parse_env_pairs(values: Any) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+#: Lambda refuses a function whose environment variables take more than 4 KB in all.
+ENV_VARS_MAX_BYTES = 4096
+
+#: --scale-rate: (environments low, high), (window seconds above, up to).
+SCALE_RATE_LIMITS = ((1, 100_000), (0.0, 3600.0))
+
+
 # --- the settings table ----------------------------------------------------------------------------
 
 
@@ -92,7 +109,9 @@ class Setting:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     exclusive_minimum: bool = False
+    maximum: float | None = None
     expect: str = ""  # what a good value looks like, for error messages
+    limit: str = ""  # why the accepted range ends where it does (README limits table)
     source: str = ""  # where the default comes from (README lifecycle table)
     optional: bool = False  # None is a legal value (meaning "not set")
     multiple: bool = False
@@ -109,21 +128,60 @@ class Setting:
                              f"({self.expect})")
         try:
             value = _PARSERS[self.kind](self, raw)
-        except (ValueError, TypeError):
-            raise UsageError(f"{self.flag}: {_show(raw)} is not valid; {self.expect}") from None
-        self.check(value)
+        except (ValueError, TypeError) as exc:
+            bad = exc.args[0] if self.multiple and exc.args else raw
+            raise UsageError(f"{self.flag}: {_show(bad)} is not valid; {self.expect_text()}") from None
+        self.check(value, shown=_show(raw))
         return value
 
-    def check(self, value: Any) -> None:
-        """Check an already-typed value against the setting's bounds and choices."""
+    def check(self, value: Any, shown: str | None = None) -> None:
+        """Check an already-typed value against the setting's bounds and choices (`shown`: the value as
+        the user typed it, for the message)."""
         if value is None and self.optional:
             return
         if self.kind == "choice" and value not in self.choices:
             raise UsageError(f"{self.flag}: {_show(value)} is not one of {', '.join(self.choices)}")
-        if self.minimum is not None and isinstance(value, (int, float)):
-            low = value <= self.minimum if self.exclusive_minimum else value < self.minimum
-            if low or (isinstance(value, float) and math.isnan(value)):
-                raise UsageError(f"{self.flag}: {_show(value)} is out of range; {self.expect}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low = self.minimum is not None and (value <= self.minimum if self.exclusive_minimum else
+                                                value < self.minimum)
+            high = self.maximum is not None and value > self.maximum
+            if low or high or (isinstance(value, float) and not math.isfinite(value)):
+                if shown is None:
+                    shown = format_duration(value) if self.kind == "duration" and math.isfinite(value) else _show(value)
+                raise UsageError(f"{self.flag}: {shown} is out of range; {self.expect_text()}")
+        if self.kind == "pairs":
+            size = sum(len(k.encode()) + len(v.encode()) for k, v in value)
+            if size > ENV_VARS_MAX_BYTES:
+                raise UsageError(f"{self.flag}: the variables take {size} bytes, more than Lambda's limit of "
+                                 f"{ENV_VARS_MAX_BYTES} bytes for a function's environment; shorten them")
+
+    def accepted(self) -> str:
+        """The accepted range as a user would read it (`1 to 10000`, `above 0, up to 15m`), or ""."""
+        if self.kind == "scale_rate":
+            (n_low, n_high), (_, w_high) = SCALE_RATE_LIMITS
+            return f"{n_low} to {n_high} environments per window, window above 0, up to {self._show_bound(w_high)}"
+        if self.kind == "pairs":
+            return f"up to {ENV_VARS_MAX_BYTES} bytes in all, keys and values"
+        if self.minimum is None and self.maximum is None:
+            return ""
+        low = "" if self.minimum is None else (
+            f"above {self._show_bound(self.minimum)}" if self.exclusive_minimum else self._show_bound(self.minimum))
+        high = "" if self.maximum is None else self._show_bound(self.maximum)
+        if low and high:
+            return f"{low}, up to {high}" if self.exclusive_minimum else f"{low} to {high}"
+        if low:
+            return low if self.exclusive_minimum else f"{low} or more"
+        return f"up to {high}"
+
+    def expect_text(self) -> str:
+        """What a good value looks like, with the accepted range."""
+        accepted = self.accepted() if self.kind != "pairs" else ""
+        return f"{self.expect} ({accepted})" if accepted else self.expect
+
+    def _show_bound(self, bound: float) -> str:
+        if self.kind in ("duration", "scale_rate") and bound:
+            return format_duration(bound)
+        return f"{bound:g}" if bound < 1e6 else f"{int(bound)}"
 
     def default_text(self) -> str:
         """The default as a user would type it, for --help and the README."""
@@ -139,7 +197,9 @@ class Setting:
 
 
 def _show(raw: Any) -> str:
-    return repr(raw) if isinstance(raw, str) else str(raw)
+    text = repr(raw) if isinstance(raw, str) else str(raw)
+    # A value of hundreds of digits is shown by its head and length: the line stays one line.
+    return text if len(text) <= 40 else f"{text[:24]}... ({len(text)} characters)"
 
 
 def _parse_number(setting: Setting, raw: Any) -> float | int:
@@ -155,7 +215,7 @@ def _parse_number(setting: Setting, raw: Any) -> float | int:
     return value
 
 
-def _parse_duration_value(setting: Setting, raw: Any) -> float:
+def _parse_duration_value(setting: Setting | None, raw: Any) -> float:
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         if raw < 0 or not math.isfinite(raw):
             raise ValueError(raw)
@@ -170,17 +230,26 @@ _PARSERS: dict[str, Callable[[Setting, Any], Any]] = {
     "choice": lambda s, raw: str(raw).strip().lower(),
     "text": lambda s, raw: str(raw),
     "pairs": lambda s, raw: _parse_env_pairs(raw),
-    "scale_rate": lambda s, raw: raw if isinstance(raw, tuple) else _parse_scale_rate(raw),
+    "scale_rate": lambda s, raw: _parse_scale_rate(raw),
 }
 
 _DUR = "use a number with a unit: 300ms, 5s, 10m or 2h"
 
+MAX_RUN_S = 7 * 24 * 3600.0  # the longest run; also the longest setting that can act within one
+MAX_TIMEOUT_S = 900.0  # Lambda's longest function timeout
+MAX_POOL = 10_000
+MAX_ENVIRONMENTS = 100_000
+
 SETTINGS: tuple[Setting, ...] = (
     # load
     Setting("rps", "--rps", "float", 10.0, "Mean invocation arrival rate, requests per second.", "load",
-            minimum=0, exclusive_minimum=True, expect="use a positive number of requests per second, e.g. 167"),
+            minimum=0, exclusive_minimum=True, expect="use a number of requests per second, e.g. 167",
+            maximum=100_000, limit=(
+                "100 times the 1000 req/s the control plane dispatches with about 10 % of a core (BENCHMARKS.md "
+                "§2): beyond it the emulator, not the database, is what a run would measure")),
     Setting("duration_s", "--duration", "duration", 60.0, "How long arrivals keep coming.", "load",
-            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+            minimum=0, exclusive_minimum=True, expect=_DUR,
+            maximum=MAX_RUN_S, limit="a week: a longer run only grows its CSV files; run it in parts"),
     Setting("arrivals", "--arrivals", "choice", "poisson",
             "Arrival process: poisson (exponential gaps, open loop) or constant (evenly spaced).", "load",
             choices=("poisson", "constant"), expect="use poisson or constant"),
@@ -189,7 +258,10 @@ SETTINGS: tuple[Setting, ...] = (
             "spike:BASE,PEAK@AT+LEN, replay:FILE; segments joined with ' + ', each /DURATION (see Load profiles).",
             "load", optional=True, expect="e.g. ramp:10..200/60s or 'poisson:50/30s + spike:50,400@10s+5s/30s'"),
     Setting("seed", "--seed", "int", None, "Random seed for arrivals and routing (default: random, recorded in run.json).",
-            "load", optional=True, expect="use a whole number, e.g. 42"),
+            "load", optional=True, expect="use a whole number, e.g. 42",
+            minimum=0, maximum=2**53 - 1, limit=(
+                "the largest whole number every JSON reader keeps exact (run.json records the seed); Python's "
+                "random treats a negative seed as its absolute value")),
     # function
     Setting("function_name", "--function-name", "text", "app",
             "Name of the function: in every record, in logs, as context.function_name.", "function",
@@ -199,57 +271,80 @@ SETTINGS: tuple[Setting, ...] = (
             expect="use module:function or path/to/file.py:function, e.g. workloads.sqlalchemy_pool:handler"),
     Setting("work_s", "--work", "duration", 0.3,
             "Time each invocation keeps its database connection busy (the default workload runs pg_sleep).",
-            "function", minimum=0, expect=f"a duration of zero or more; {_DUR}"),
+            "function", minimum=0, expect=_DUR,
+            maximum=MAX_TIMEOUT_S, limit="Lambda's longest function timeout: longer work can only time out"),
     Setting("pool_max", "--pool-max", "int", 5,
             "Pool size per environment (SQLAlchemy pool_size, the library's default of 5).", "function",
-            minimum=1, expect="use a whole number of connections, 1 or more"),
+            minimum=1, expect="use a whole number of connections",
+            maximum=MAX_POOL, limit=(
+                "a pool is per environment: 10,000 connections from one process is far past what drivers and "
+                "servers are tuned for (RDS stops PostgreSQL's default max_connections at 5000 for a whole server)")),
     Setting("pool_min", "--pool-min", "int", None,
             "Connections a pool keeps open at least (psycopg_pool min_size); unset: the library's default.",
-            "function", optional=True, minimum=0, expect="use a whole number of connections, 0 or more"),
+            "function", optional=True, minimum=0, expect="use a whole number of connections",
+            maximum=MAX_POOL, limit="as --pool-max"),
     Setting("pool_idle_s", "--pool-idle", "duration", None,
             "Close pooled connections idle this long (psycopg_pool max_idle); unset: the library's default.",
-            "function", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+            "function", optional=True, minimum=0, exclusive_minimum=True, expect=_DUR,
+            maximum=MAX_RUN_S, limit="the longest run: a longer setting never acts"),
     Setting("pool_lifetime_s", "--pool-lifetime", "duration", None,
             "Replace pooled connections older than this (SQLAlchemy pool_recycle, psycopg_pool max_lifetime).",
-            "function", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+            "function", optional=True, minimum=0, exclusive_minimum=True, expect=_DUR,
+            maximum=MAX_RUN_S, limit="the longest run: a longer setting never acts"),
     Setting("pool_timeout_s", "--pool-timeout", "duration", None,
             "Longest wait for a pooled connection (SQLAlchemy pool_timeout, psycopg_pool timeout).",
-            "function", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+            "function", optional=True, minimum=0, exclusive_minimum=True, expect=_DUR,
+            maximum=MAX_RUN_S, limit="the longest run: a longer setting never acts"),
     Setting("work_dist", "--work-dist", "choice", "fixed",
             "Per-invocation work: fixed (--work each time) or exp (exponential with mean --work).", "function",
             choices=("fixed", "exp"), expect="use fixed or exp"),
     Setting("queries", "--queries", "int", 1, "Queries per invocation; the work is split evenly over them.",
-            "function", minimum=1, expect="use a whole number, 1 or more"),
+            "function", minimum=1, expect="use a whole number",
+            maximum=10_000, limit=(
+                "at 10,000 statements an invocation's work is round trips, not the --work time it is meant to "
+                "hold")),
     Setting("parallel_queries", "--parallel-queries", "int", 1,
             "Connections an invocation uses at once (its queries run from that many threads).", "function",
-            minimum=1, expect="use a whole number, 1 or more"),
+            minimum=1, expect="use a whole number",
+            maximum=1_000, limit=(
+                "one thread and one connection each: beyond it an environment runs out of threads before the "
+                "database runs out of connections")),
     Setting("env_vars", "--env", "pairs", (), "Extra environment variable for the function, KEY=VALUE (repeatable).",
-            "function", multiple=True, expect="use KEY=VALUE with KEY a valid variable name"),
+            "function", multiple=True, expect="use KEY=VALUE with KEY a valid variable name",
+            limit="Lambda's own limit on a function's environment variables"),
     Setting("timeout_s", "--timeout", "duration", 3.0,
             "Function timeout; a longer invocation fails with status timeout and its environment is reset.",
-            "lifecycle", minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}",
-            source="Lambda's default function timeout (Lambda docs: Configuring function timeout)"),
+            "lifecycle", minimum=0, exclusive_minimum=True, expect=_DUR,
+            source="Lambda's default function timeout (Lambda docs: Configuring function timeout)",
+            maximum=MAX_TIMEOUT_S, limit="Lambda's longest function timeout (900 s)"),
     Setting("memory_mb", "--memory", "int", None,
             "Memory size in MB; an environment whose resident memory exceeds it ends with status out_of_memory.",
-            "lifecycle", optional=True, minimum=16, expect="use a whole number of megabytes, 16 or more, e.g. 128",
-            source="off by default (Lambda's own default is 128 MB; the emulated process is not a microVM)"),
+            "lifecycle", optional=True, minimum=16, expect="use a whole number of megabytes, e.g. 128",
+            source="off by default (Lambda's own default is 128 MB; the emulated process is not a microVM)",
+            maximum=10_240, limit=(
+                "Lambda's largest memory size (10,240 MB); 16 MB is about a bare Python interpreter")),
     # lifecycle
     Setting("env_idle_ttl_s", "--env-idle-ttl", "duration", 600.0,
             "Idle time after which an environment is reclaimed.", "lifecycle",
-            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}",
-            source="about 10 minutes, consistent across public measurements since 2019"),
+            minimum=0, exclusive_minimum=True, expect=_DUR,
+            source="about 10 minutes, consistent across public measurements since 2019",
+            maximum=MAX_RUN_S, limit="the longest run: a longer TTL never fires"),
     Setting("env_max_lifetime_s", "--env-max-lifetime", "duration", 7200.0,
             "Environments are recycled after this lifetime, once their current invocation ends.", "lifecycle",
-            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}",
-            source="about 2 hours (public observations of environment lifetimes)"),
+            minimum=0, exclusive_minimum=True, expect=_DUR,
+            source="about 2 hours (public observations of environment lifetimes)",
+            maximum=MAX_RUN_S, limit="the longest run: a longer lifetime never ends one"),
     Setting("init_delay_s", "--init-delay", "duration", 0.1,
             "Extra runtime-init time added to every cold start, before the handler module is imported.",
-            "lifecycle", minimum=0, expect=f"a duration of zero or more; {_DUR}",
-            source="~100 ms: Python hello-world Init Duration in public cold-start benchmarks (see README)"),
+            "lifecycle", minimum=0, expect=_DUR,
+            source="~100 ms: Python hello-world Init Duration in public cold-start benchmarks (see README)",
+            maximum=MAX_TIMEOUT_S, limit="as --init-limit, and below it"),
     Setting("init_limit_s", "--init-limit", "duration", 10.0,
             "Longest init phase; an init past it fails the invocation (status timeout).", "lifecycle",
-            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}",
-            source="Lambda's 10 s init phase limit (Lambda runtime environment docs)"),
+            minimum=0, exclusive_minimum=True, expect=_DUR,
+            source="Lambda's 10 s init phase limit (Lambda runtime environment docs)",
+            maximum=MAX_TIMEOUT_S, limit=(
+                "Lambda's longest function timeout, the most an init retried at the first invocation gets")),
     Setting("routing", "--routing", "choice", "newest",
             "Which idle environment takes the next invocation.", "lifecycle",
             choices=("newest", "oldest", "mru", "lru", "random"), expect="use newest, oldest, mru, lru or random",
@@ -260,19 +355,25 @@ SETTINGS: tuple[Setting, ...] = (
             source="kill: the database sees a clean disconnect; vanish models a microVM gone without a FIN"),
     Setting("concurrency_limit", "--concurrency-limit", "int", 1000,
             "Account concurrency limit; invocations beyond it are throttled.", "lifecycle",
-            minimum=1, expect="use a whole number, 1 or more",
-            source="Lambda's default account concurrency quota (Lambda quotas docs)"),
+            minimum=1, expect="use a whole number",
+            source="Lambda's default account concurrency quota (Lambda quotas docs)",
+            maximum=MAX_ENVIRONMENTS, limit=(
+                "every environment is a process of about 2.4 MB (BENCHMARKS.md §3): 100,000 of them need more "
+                "memory than a test machine has")),
     Setting("reserved_concurrency", "--reserved-concurrency", "int", None,
             "Reserved concurrency for the function: at most N environments; beyond it, throttled.", "lifecycle",
-            optional=True, minimum=0, expect="use a whole number, 0 or more",
-            source="none (unreserved functions share the account limit)"),
+            optional=True, minimum=0, expect="use a whole number",
+            source="none (unreserved functions share the account limit)",
+            maximum=MAX_ENVIRONMENTS, limit="as --concurrency-limit"),
     Setting("scale_rate", "--scale-rate", "scale_rate", (1000, 10.0),
             "Most new environments per window, a token bucket refilled continuously (N/DURATION).", "lifecycle",
             expect="use N/DURATION, e.g. 1000/10s",
-            source="1000 per 10 s per function (Lambda scaling behaviour, 2023)"),
+            source="1000 per 10 s per function (Lambda scaling behaviour, 2023)",
+            limit="as --concurrency-limit for N; a window over an hour never lets a run scale"),
     Setting("provisioned", "--provisioned", "int", 0,
             "Environments initialised before load starts, used first, never reclaimed for idleness.", "lifecycle",
-            minimum=0, expect="use a whole number, 0 or more", source="0 (provisioned concurrency is opt-in)"),
+            minimum=0, expect="use a whole number", source="0 (provisioned concurrency is opt-in)",
+            maximum=MAX_ENVIRONMENTS, limit="as --concurrency-limit"),
     # database
     Setting("engine", "--engine", "choice", None,
             "Database engine (default: postgres, or what --db-url says).", "database",
@@ -288,31 +389,37 @@ SETTINGS: tuple[Setting, ...] = (
             expect="use postgresql://user:password@host:port/dbname or mysql://..."),
     Setting("max_connections", "--max-connections", "int", None,
             "Server max_connections (default: the engine's own, 100 for PostgreSQL, 151 for MySQL).", "database",
-            optional=True, minimum=3, expect="use a whole number, 3 or more"),
+            optional=True, minimum=3, expect="use a whole number",
+            maximum=262_143, limit="PostgreSQL's own ceiling (2^18 - 1 backends), the highest of the engines"),
     Setting("db_instance", "--db-instance", "text", None,
             "RDS instance class whose default max_connections to use, e.g. db.t3.medium (RDS formulas).",
             "database", optional=True, expect="use an RDS class such as db.t3.micro, db.t3.medium, db.r6g.large"),
     Setting("db_idle_timeout_s", "--db-idle-timeout", "duration", None,
             "Server-side idle session timeout (PostgreSQL idle_session_timeout, MySQL wait_timeout); closes "
             "connections of vanished environments.",
-            "database", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+            "database", optional=True, minimum=0, exclusive_minimum=True, expect=_DUR,
+            maximum=2_145_600.0, limit="PostgreSQL's idle_session_timeout ceiling (2^31 - 1 ms, about 596 hours)"),
     # proxy
     Setting("proxy", "--proxy", "choice", "none",
             "Connection proxy between environments and the database: pgbouncer (the RDS Proxy stand-in).",
             "proxy", choices=("none", "pgbouncer"), expect="use none or pgbouncer"),
     Setting("proxy_max_connections_percent", "--proxy-max-connections-percent", "int", 100,
             "RDS Proxy MaxConnectionsPercent → PgBouncer max_db_connections = percent × max_connections / 100.",
-            "proxy", minimum=1, expect="use a whole percentage from 1 to 100"),
+            "proxy", minimum=1, expect="use a whole percentage",
+            maximum=100, limit="a percentage"),
     Setting("proxy_max_idle_percent", "--proxy-max-idle-percent", "int", None,
             "RDS Proxy MaxIdleConnectionsPercent (default: half of the max percent) → PgBouncer min_pool_size "
             "with server_idle_timeout (an approximation).", "proxy", optional=True, minimum=0,
-            expect="use a whole percentage from 0 to the max connections percent"),
+            expect="use a whole percentage, at most the max connections percent",
+            maximum=100, limit="a percentage"),
     Setting("proxy_borrow_timeout_s", "--proxy-borrow-timeout", "duration", 120.0,
             "RDS Proxy ConnectionBorrowTimeout → PgBouncer query_wait_timeout.", "proxy",
-            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+            minimum=0, exclusive_minimum=True, expect=_DUR,
+            maximum=3600.0, limit="RDS Proxy's own range for ConnectionBorrowTimeout (up to 1 hour)"),
     Setting("proxy_idle_client_timeout_s", "--proxy-idle-client-timeout", "duration", 1800.0,
             "RDS Proxy IdleClientTimeout → PgBouncer client_idle_timeout.", "proxy",
-            minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+            minimum=0, exclusive_minimum=True, expect=_DUR,
+            maximum=28_800.0, limit="RDS Proxy's own range for IdleClientTimeout (up to 8 hours)"),
     # emulator
     Setting("baseline", "--baseline", "choice", "on",
             "Before the load, time one environment's init and two invocations alone, so the summary can show "
@@ -321,11 +428,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("env_nice", "--env-nice", "int", 10,
             "Scheduling priority (nice) of environments and whatever they start, so the control plane and "
             "the sampler come first for the CPU; 0 runs them at the supervisor's priority.", "emulator",
-            minimum=0, expect="use a whole number from 0 (no change) to 19"),
+            minimum=0, expect="use a whole number", maximum=19, limit="nice values end at 19"),
     # output
     Setting("sample_interval_s", "--sample-interval", "duration", 1.0,
             "How often the sampler polls the database.", "output",
-            minimum=0.05, expect=f"a duration of 50ms or more; {_DUR}"),
+            minimum=0.05, expect=_DUR,
+            maximum=600.0, limit=(
+                "below 50 ms the sampler's own queries load the database; above 10 minutes it misses every peak")),
     Setting("out", "--out", "text", None, "Run directory (default: results/<run-id>/).", "output",
             optional=True, expect="use a directory path"),
 )
@@ -447,9 +556,6 @@ class RunConfig:
             if self.provider == "external":
                 raise UsageError("--proxy pgbouncer needs a server lambdaemu starts (--provider embedded or "
                                  "native); to test a real RDS Proxy, point --db-url at its endpoint instead")
-        if self.proxy_max_connections_percent > 100:
-            raise UsageError(f"--proxy-max-connections-percent: {self.proxy_max_connections_percent} is out of "
-                             "range; use a whole percentage from 1 to 100")
         if self.proxy_max_idle_percent is not None and \
                 self.proxy_max_idle_percent > self.proxy_max_connections_percent:
             raise UsageError(f"--proxy-max-idle-percent {self.proxy_max_idle_percent} exceeds "
@@ -486,8 +592,6 @@ class RunConfig:
         if not _FUNCTION_NAME.match(self.function_name):
             raise UsageError(f"--function-name: {self.function_name!r} is not valid; use 1 to 64 letters, digits, "
                              "hyphens or underscores, as Lambda function names")
-        if self.env_nice > 19:
-            raise UsageError(f"--env-nice: {self.env_nice} is out of range; use a whole number from 0 to 19")
         if self.init_delay_s >= self.init_limit_s:
             raise UsageError(
                 f"--init-delay {format_duration(self.init_delay_s)} is not below --init-limit "
@@ -582,19 +686,25 @@ GROUP_TITLES = {"load": "Load", "function": "Function", "lifecycle": "Lifecycle"
                 "proxy": "Proxy", "emulator": "Emulator", "output": "Output"}
 
 
+def _table(columns: tuple[str, ...], rows: Any) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def settings_markdown() -> str:
     """The README's table of `lambdaemu run` options, generated from SETTINGS (a test keeps them equal)."""
-    lines = ["| option | default | what it does |", "|---|---|---|"]
-    for setting in SETTINGS:
-        choices = f" One of: {', '.join(setting.choices)}." if setting.choices else ""
-        lines.append(f"| `{setting.flag}` | {setting.default_text()} | {setting.help}{choices} |")
-    return "\n".join(lines)
+    return _table(("option", "default", "what it does"), (
+        (f"`{s.flag}`", s.default_text(), s.help + (f" One of: {', '.join(s.choices)}." if s.choices else ""))
+        for s in SETTINGS))
+
+
+def limits_markdown() -> str:
+    """The README's table of accepted ranges and why each ends where it does."""
+    return _table(("option", "accepted", "why"), ((f"`{s.flag}`", s.accepted(), s.limit) for s in SETTINGS if s.limit))
 
 
 def lifecycle_markdown() -> str:
     """The README's lifecycle table: behaviour → flag → default → where the default comes from."""
-    lines = ["| behaviour | flag | default | where the default comes from |", "|---|---|---|---|"]
-    for setting in SETTINGS:
-        if setting.source:
-            lines.append(f"| {setting.help} | `{setting.flag}` | {setting.default_text()} | {setting.source} |")
-    return "\n".join(lines)
+    return _table(("behaviour", "flag", "default", "where the default comes from"), (
+        (s.help, f"`{s.flag}`", s.default_text(), s.source) for s in SETTINGS if s.source))

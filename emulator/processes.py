@@ -70,3 +70,26 @@ def wait_or_kill(proc: subprocess.Popen, timeout_s: float, *, group: bool = Fals
         else:
             proc.kill()
         proc.wait(5)
+
+
+def process_identity(pid: int | None = None) -> dict[str, float]:
+    """`{"pid", "started"}` for a process (this one by default): its pid with its start time, so a later
+    process that reuses the pid is not mistaken for it."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    return {"pid": proc.pid, "started": round(proc.create_time(), 2)}
+
+
+def identity_alive(identity: object) -> bool:
+    """Whether the process `process_identity()` described is still running (not a zombie either)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(identity["pid"]))  # type: ignore[index]
+        # create_time is the boot time plus the start in clock ticks, and the boot time psutil derives
+        # can move by a fraction of a second; a reused pid needs the pid counter to wrap, far longer.
+        same = abs(proc.create_time() - float(identity["started"])) < 1.0  # type: ignore[index]
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
+        return False

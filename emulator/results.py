@@ -28,11 +28,15 @@ import math
 import os
 import platform
 import socket
+import tempfile
 import time
 from array import array
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
+
+from .errors import UsageError
+from .processes import identity_alive, process_identity
 
 INVOCATION_COLUMNS = (
     "seq", "request_id", "function", "scheduled_s", "start_s", "end_s", "lag_ms", "latency_ms", "env_id",
@@ -140,16 +144,29 @@ def create_csv(path: Path, columns: Iterable[str]) -> None:
         csv.writer(fh).writerow(columns)
 
 
-class RunDirectory:
-    """Creates and writes one run directory. `update()` rewrites run.json atomically."""
+#: What a run writes into its directory: `--force` removes these, and only these, before a new run.
+RUN_FILES = ("run.json", "run.json.tmp", "summary.json", "summary.json.tmp", "invocations.csv",
+             "environments.csv", "samples.csv", "functions.csv", "connections.csv", "chart.png", "chart.error.txt")
 
-    def __init__(self, path: Path, run_id: str) -> None:
+
+class RunDirectory:
+    """Creates and writes one run directory. `update()` rewrites run.json atomically.
+
+    run.json names its owner (pid and process start time) from the moment it exists, so `lambdaemu
+    cleanup` can tell a run still going from one whose process was killed outright.
+    With `replace`, the files of an earlier run in `path` are removed first (see `check_run_dir`).
+    """
+
+    def __init__(self, path: Path, run_id: str, *, replace: bool = False) -> None:
         self.path = path
         self.run_id = run_id
+        if replace and earlier_run(path) is not None:
+            _remove_run_files(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "logs").mkdir(exist_ok=True)
         self.logs = path / "logs"
-        self.run_info: dict[str, Any] = {"run_id": run_id, "status": "starting"}
+        self.run_info: dict[str, Any] = {"run_id": run_id, "status": "starting", "owner": process_identity()}
+        write_json(path / "run.json", self.run_info)
         self.invocations = CsvWriter(path / "invocations.csv", INVOCATION_COLUMNS)
         self.environments = CsvWriter(path / "environments.csv", ENVIRONMENT_COLUMNS)
         # Written by the sampler process; created here so a run that never sampled still has them.
@@ -172,6 +189,98 @@ class RunDirectory:
         """Flush and close the writers (idempotent)."""
         self.invocations.close()
         self.environments.close()
+
+
+def earlier_run(path: Path) -> dict[str, Any] | None:
+    """The run.json of a lambdaemu run in `path`, or None when there is none. Raises ValueError when
+    `path` holds a run.json that lambdaemu did not write."""
+    try:
+        data = json.loads((path / "run.json").read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"its run.json is not a lambdaemu run's ({exc})") from None
+    if not (isinstance(data, dict) and isinstance(data.get("run_id"), str) and isinstance(data.get("status"), str)):
+        raise ValueError("its run.json is not a lambdaemu run's")
+    return data
+
+
+def check_run_dir(path: Path, *, option: str, given: str, force: bool = False) -> None:
+    """Check, before anything starts, that a run can be written to `path` (`option` `given` names it in
+    messages): it is or can be made a directory, a file can be created in it, and it does not hold an
+    earlier run, unless `force` (then never a run still going, nor a run.json lambdaemu did not write).
+    Whatever the check creates it removes again. Raises UsageError.
+    """
+    try:
+        _check_run_dir(path, option, given, force)
+    except OSError as exc:  # e.g. a name too long, a parent that cannot be searched
+        raise UsageError(f"{option}: cannot use {given} ({exc.strerror or exc}); give a directory lambdaemu "
+                         "can create and write") from None
+
+
+def _check_run_dir(path: Path, option: str, given: str, force: bool) -> None:
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                where = "" if ancestor == path else f"cannot be created: {ancestor} "
+                raise UsageError(f"{option}: {given} {where}is not a directory; give a directory path (it is "
+                                 "created if missing)")
+            break
+    if path.is_dir():
+        try:
+            earlier = earlier_run(path)
+        except ValueError as exc:
+            raise UsageError(f"{option}: {given} is not a lambdaemu run directory, {exc}; give a new or "
+                             "empty directory") from None
+        if earlier is not None:
+            what = f"run {earlier['run_id']} ({earlier['status']})"
+            if earlier.get("status") in ("starting", "running") and identity_alive(earlier.get("owner")):
+                raise UsageError(f"{option}: {given} holds {what}, still going (pid {earlier['owner']['pid']}); "
+                                 "give another directory")
+            if not force:
+                raise UsageError(f"{option}: {given} already holds {what}; give a new directory, or add --force "
+                                 "to replace that run's files")
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".lambdaemu-probe-") as probe:
+            probe.write(b"probe")
+            probe.flush()
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot write to {given} ({exc.strerror or exc}); give a directory lambdaemu "
+                         "can create and write") from None
+    finally:
+        for directory in created:  # deepest first
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+
+def _remove_run_files(path: Path) -> None:
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+    logs = path / "logs"
+    if logs.is_dir():
+        for log in logs.glob("*.log"):
+            log.unlink()
+
+
+def write_summary_and_chart(run_dir: Path, *, chart: bool = True) -> dict[str, Any]:
+    """Recompute summary.json and (unless `chart` is false) chart.png from the files of `run_dir` and
+    return the summary. A chart that cannot be drawn leaves chart.error.txt instead: it must not cost
+    the results."""
+    summary = summarize(run_dir)
+    write_json(run_dir / "summary.json", summary)
+    if not chart:
+        return summary
+    try:
+        from .plots import chart as draw
+
+        draw(run_dir)
+    except Exception as exc:  # noqa: BLE001 - a chart failure must not lose the results
+        (run_dir / "chart.error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+    return summary
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -15,7 +15,6 @@ the chart are skipped (the display says so in one line).
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
@@ -26,13 +25,14 @@ from typing import Any, Iterator, Protocol
 
 from . import databases, load
 from .config import FunctionConfig, RunConfig
-from .environment import check_handler
 from .errors import LambdaemuError, RunInterrupted
 from .events import Events
 from .fleet import FleetRecorder, FleetState
+from .handlers import check_handler
 from .janitor import Janitor
 from .loop import Loop
-from .results import RunDirectory, environment_row, host_info, invocation_row, new_run_id, summarize, versions, write_json
+from .results import (RunDirectory, check_run_dir, environment_row, host_info, invocation_row, new_run_id, versions,
+                      write_summary_and_chart)
 from .sampler import SamplerConfig, SamplerProcess
 from .supervisor import Supervisor
 from .zygote import ZygoteClient
@@ -131,8 +131,10 @@ class _Signals:
 
 def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator[float] | None = None,
         results_root: Path | str = "results", run_id: str | None = None,
-        handle_signals: bool = False) -> RunResult:
+        handle_signals: bool = False, force: bool = False) -> RunResult:
     """Run one emulation and write its run directory. Raises UsageError (nothing started) for bad input.
+
+    `force` lets `config.out` be the directory of an earlier, finished run: its files are replaced.
 
     `arrivals` overrides the schedule from the config (offsets in seconds from the load start), e.g.
     `load.fixed([0, 0.1, 2.0])` for an exact scenario. `handle_signals` installs handlers for SIGINT,
@@ -140,13 +142,14 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
     """
     run_id = run_id or new_run_id()
     db = validate(config, run_id)
+    run_dir = Path(config.out) if config.out else Path(results_root) / run_id
+    check_run_dir(run_dir, option="--out" if config.out else "--results-dir", given=config.out or str(results_root),
+                  force=force)
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
     if config.provider == "external":
         db.start()  # attaches only: an unreachable --db-url is a usage error, before anything starts
-    run_dir = Path(config.out) if config.out else Path(results_root) / run_id
-    results = RunDirectory(run_dir, run_id)
+    results = RunDirectory(run_dir, run_id, replace=force)
     results.update(run_id=run_id, status="starting", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   owner={"pid": os.getpid(), "started": _process_start_time()},
                    config=config.public_dict(), seed=seed, versions=versions(), host=host_info())
 
     signals = _Signals()
@@ -266,15 +269,7 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
                        peak_environments=supervisor.peak_environments if supervisor else 0,
                        signal=signal.Signals(signals.received[0]).name if signals.received else None)
         results.close()
-        summary = summarize(run_dir)
-        write_json(run_dir / "summary.json", summary)
-        if not signals.fast:
-            try:
-                from .plots import chart
-
-                chart(run_dir)
-            except Exception as exc:  # noqa: BLE001 - a chart failure must not lose the results
-                (run_dir / "chart.error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+        summary = write_summary_and_chart(run_dir, chart=not signals.fast)
         fleet.close()
         loop.close()
         janitor.done()
@@ -297,9 +292,3 @@ def _clean_up(supervisor: Supervisor | None, zygote: ZygoteClient, sampler: Samp
         zygote.close()
     finally:
         db.stop()
-
-
-def _process_start_time() -> float:
-    import psutil
-
-    return psutil.Process().create_time()

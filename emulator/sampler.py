@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 from .environment import APPNAME_PREFIX
 from .fleet import FleetState
 from .processes import child_pythonpath, die_with_parent, set_parent_death_signal, wait_or_kill
-from .results import FUNCTION_SAMPLE_COLUMNS, SAMPLE_COLUMNS
+from .results import SAMPLE_COLUMNS
 
 #: Longest a sampling query may run, whatever the interval (a stuck server must not stop sampling).
 STATEMENT_TIMEOUT_S = 5.0

@@ -5,7 +5,6 @@ daemons, exits racing their own reports, and overload."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading
