@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import textwrap
@@ -140,6 +141,7 @@ def lambdaemu_servers(run_dir: Path | None = None) -> set[int]:
 
 
 def wait_for_status(run_json: Path, status: str, timeout: float = 60) -> None:
+    """Wait until run.json says `status`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -149,3 +151,11 @@ def wait_for_status(run_json: Path, status: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError(f"run.json never said {status}")
+
+
+def lambdaemu(*args: str, cwd: Path, timeout: float = 120, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `lambdaemu` command to completion (with `tmpdir` as its TMPDIR when given)."""
+    env = cli_env()
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)  # where any server work directory of this run would be created
+    return subprocess.run([*LAMBDAEMU, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

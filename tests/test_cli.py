@@ -6,21 +6,13 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import click
 import psutil
 import pytest
 
-from conftest import LAMBDAEMU, assert_no_leftovers, cli_env, lambdaemu_servers, wait_for_status
+from conftest import LAMBDAEMU, assert_no_leftovers, cli_env, lambdaemu, lambdaemu_servers, wait_for_status
 from emulator.cli import main
-
-def lambdaemu(*args: str, cwd: Path, timeout: float = 120, tmpdir: Path | None = None) -> subprocess.CompletedProcess:
-    env = cli_env()
-    if tmpdir is not None:
-        env["TMPDIR"] = str(tmpdir)  # where any server work directory of this run would be created
-    return subprocess.run([*LAMBDAEMU, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-
 
 def test_every_command_and_option_has_help():
     for name, command in main.commands.items():

@@ -20,13 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import assert_no_leftovers, cli_env
 from emulator.config import RunConfig
 from emulator.errors import UsageError
 from emulator.plots import chart
 from emulator.processes import process_identity
 from emulator.results import read_csv
-from test_cli import LAMBDAEMU, _wait_for_status, lambdaemu
+from conftest import LAMBDAEMU, assert_no_leftovers, cli_env, lambdaemu, wait_for_status
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE_DB = ["--provider", "external", "--db-url", "postgresql://u:p@127.0.0.1:1/db"]
@@ -341,7 +340,7 @@ def test_cleanup_marks_a_run_killed_with_sigkill(tmp_path, postgres):
         run_dir = next(results.glob("*"))
         owner = json.loads((run_dir / "run.json").read_text())["owner"]  # there from the first write
         assert owner == process_identity(proc.pid)
-        _wait_for_status(run_dir / "run.json", "running")
+        wait_for_status(run_dir / "run.json", "running")
         time.sleep(2.5)
         # While it runs, nobody may take its directory, not even with --force; cleanup leaves it alone.
         taken = lambdaemu("run", "--out", str(run_dir), "--force", *UNREACHABLE_DB, cwd=tmp_path)
@@ -403,7 +402,7 @@ def test_run_stopped_while_starting_prints_no_warning(tmp_path):
     proc = subprocess.Popen([*LAMBDAEMU, "run", "--duration", "60", "--out", str(out)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
-        _wait_for_status(out / "run.json", "starting")
+        wait_for_status(out / "run.json", "starting")
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
