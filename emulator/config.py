@@ -277,7 +277,7 @@ SETTINGS: tuple[Setting, ...] = (
             expect="use postgresql://user:password@host:port/dbname or mysql://..."),
     Setting("max_connections", "--max-connections", "int", None,
             "Server max_connections (default: the engine's own, 100 for PostgreSQL, 151 for MySQL).", "database",
-            optional=True, minimum=3, expect="use a whole number, 3 or more"),
+            optional=True, minimum=1, expect="use a whole number (PostgreSQL accepts 4 to 262107, MariaDB 10 to 100000)"),
     Setting("db_instance", "--db-instance", "text", None,
             "RDS instance class whose default max_connections to use, e.g. db.t3.medium (RDS formulas).",
             "database", optional=True, expect="use an RDS class such as db.t3.micro, db.t3.medium, db.r6g.large"),
@@ -413,9 +413,7 @@ class RunConfig:
             from .databases.instances import max_connections_for
 
             max_connections_for(self.db_instance, engine)  # raises a UsageError for an unknown class
-        if engine == "mysql" and self.max_connections is not None and self.max_connections < 10:
-            raise UsageError(f"--max-connections {self.max_connections} is below MariaDB's minimum of 10 "
-                             "for --engine mysql; use 10 or more")
+        # The range each engine accepts is checked by the engine (databases.create), before anything starts.
         if self.proxy == "pgbouncer":
             if engine != "postgres":
                 raise UsageError("--proxy pgbouncer works only with --engine postgres (PgBouncer speaks the "

@@ -47,7 +47,7 @@ STATES = ("active", "idle", "idle_in_transaction", "other", "connecting")
 #: Longest wait for a server's answer when connecting or querying from lambdaemu itself (start-up
 #: checks, the sampler): a server that accepts TCP connections and then says nothing must not hang a run.
 CONNECT_TIMEOUT_S = 5
-QUERY_TIMEOUT_S = 15
+QUERY_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True)
