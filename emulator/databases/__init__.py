@@ -90,8 +90,7 @@ def create(config: "RunConfig", run_id: str, applications: Iterable[str] = (DEFA
 def _images(config: "RunConfig") -> dict[str, str]:
     if config.provider != "docker":
         return {}
-    return {"postgres": getattr(config, "postgres_image", None), "mysql": getattr(config, "mysql_image", None),
-            "pgbouncer": getattr(config, "pgbouncer_image", None)}
+    return {"postgres": config.postgres_image, "mysql": config.mysql_image, "pgbouncer": config.pgbouncer_image}
 
 
 def database_view(db: Database) -> Database:

@@ -298,6 +298,8 @@ class PgBouncer(Database):
         }
         info["backend"] = self.backend.describe()
         info["version"] = self.backend.version
+        if "launcher" in info["backend"]:  # how the database itself runs, as for a run without a proxy
+            info["launcher"] = info["backend"]["launcher"]
         return info
 
     def admin_connect(self) -> Any:
