@@ -141,19 +141,38 @@ def test_a_docker_run_completes_and_leaves_no_container(client, tmp_path, engine
     assert run_containers(client, run["run_id"]) == []
 
 
-def test_kill_9_then_cleanup_leaves_no_container(client, tmp_path):
+def start_run_under_load(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
+    """A long `lambdaemu run --provider docker`, returned once its load has started."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([*LAMBDAEMU, "run", "--provider", "docker", *IMAGE_ARGS, "--proxy", "pgbouncer",
+    proc = subprocess.Popen([*LAMBDAEMU, "run", "--provider", "docker", *IMAGE_ARGS, *args,
                              "--rps", "5", "--duration", "5m", "--out", str(out)], cwd=tmp_path, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        if run.get("status") == "running":
+            return proc, run
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run did not reach its load: {run}")
+        time.sleep(0.5)
+
+
+def test_sigterm_removes_the_containers(client, tmp_path):
+    proc, run = start_run_under_load(tmp_path, "--engine", "mysql")
     try:
-        deadline = time.monotonic() + 120
-        while True:  # until the run is under load, with both containers up
-            run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-            if run.get("status") == "running":
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, run
-            time.sleep(0.5)
+        assert len(run_containers(client, run["run_id"])) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert run_containers(client, run["run_id"]) == []
+
+
+def test_kill_9_then_cleanup_leaves_no_container(client, tmp_path):
+    proc, run = start_run_under_load(tmp_path, "--proxy", "pgbouncer")
+    try:
         containers = run_containers(client, run["run_id"])
         assert len(containers) == 2
         proc.send_signal(signal.SIGKILL)

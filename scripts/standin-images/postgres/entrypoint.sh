@@ -29,6 +29,12 @@ if [[ $1 == postgres && ! -s $PGDATA/PG_VERSION ]]; then
         psql -v ON_ERROR_STOP=1 --username "$user" --no-password --dbname postgres -q \
             -c "CREATE DATABASE \"$db\"" >/dev/null
     fi
+    for f in /docker-entrypoint-initdb.d/*; do
+        case $f in
+            *.sql) psql -v ON_ERROR_STOP=1 --username "$user" --no-password --dbname "$db" -q -f "$f" ;;
+            *.sh) . "$f" ;;
+        esac
+    done
     pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
     echo "PostgreSQL init process complete; ready for start up."
 fi
