@@ -196,3 +196,35 @@ def test_no_docker_engine_is_a_one_line_usage_error(tmp_path):
                                     f"unix://{tmp_path}/no-docker.sock (")
     assert result.stderr.rstrip().endswith("start Docker, or use --provider embedded|native")
     assert result.stderr.count("\n") == 1 and not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def bridge(client):
+    """A bridge network of our own: the path containers take where the engine has a default bridge (hosted
+    CI runners, Docker Desktop), with ports published on 127.0.0.1, which this machine's engine lacks."""
+    network = client.networks.create(f"lambdaemu-test-{new_run_id()}", driver="bridge")
+    yield network.name
+    network.remove()
+
+
+def test_bridge_network_path_publishes_on_loopback_and_chains_pgbouncer(client, bridge):
+    run_id = new_run_id()
+    backend = PostgresServer(run_id=run_id, max_connections=10, applications=APPS,
+                             launcher=DockerLauncher("postgres", image=IMAGES["postgres"], network=bridge))
+    with backend, PgBouncer(backend, run_id, launcher=DockerLauncher("pgbouncer", image=IMAGES["pgbouncer"],
+                                                                        network=bridge)) as bouncer:
+        assert backend.describe()["launcher"]["network"] == f"{bridge} (ports published on 127.0.0.1)"
+        for container in run_containers(client, run_id):
+            published = [b for bindings in container.attrs["NetworkSettings"]["Ports"].values() for b in bindings or []]
+            assert published and all(b["HostIp"] == "127.0.0.1" for b in published)
+        for app in APPS:
+            with psycopg.connect(bouncer.url_for(app), connect_timeout=5, prepare_threshold=None) as conn:
+                assert conn.execute("SELECT current_user").fetchone()[0] == app
+    mysql = MySQLServer(run_id=run_id, max_connections=10, applications=APPS,
+                        launcher=DockerLauncher("mysql", image=IMAGES["mysql"], network=bridge))
+    with mysql, mysql.admin_connect() as admin:
+        account = mysql.account("billing")
+        with pymysql.connect(host=mysql.host, port=mysql.port, user=account.user, password=account.password,
+                             database=mysql.dbname, connect_timeout=5):
+            assert [r.user for r in mysql.connections(admin)] == ["billing"]
+    assert run_containers(client, run_id) == []

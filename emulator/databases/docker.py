@@ -104,11 +104,15 @@ class DockerLauncher(Launcher):
     #: Application users connect through the host (host network) or the bridge's gateway (published ports).
     client_hosts = ("%",)
 
-    def __init__(self, engine: str, *, image: str | None = None, **unused: object) -> None:
+    def __init__(self, engine: str, *, image: str | None = None, network: str | None = None,
+                 **unused: object) -> None:
         self.engine = engine
         self.image = image or DEFAULT_IMAGES[engine]
         self.client = docker_client()
-        self.host_network = not has_bridge(self.client)
+        #: "host", or the bridge network containers join with their ports published on 127.0.0.1: the
+        #: engine's default bridge when it has one (or `network`, a bridge network that exists).
+        self.network = network or ("bridge" if has_bridge(self.client) else "host")
+        self.host_network = self.network == "host"
         self.container: Any = None
         self.containers: list[Any] = []
         self._log = bytearray()
@@ -141,7 +145,7 @@ class DockerLauncher(Launcher):
         if self.host_network:
             return "127.0.0.1", port, {"network_mode": "host"}
         inside = CONTAINER_PORTS[self.engine]
-        return "*", inside, {"ports": {f"{inside}/tcp": ("127.0.0.1", port)}}
+        return "0.0.0.0", inside, {"network": self.network, "ports": {f"{inside}/tcp": ("127.0.0.1", port)}}
 
     def _run(self, kind: str, spec: Mapping[str, Any], options: dict[str, Any], port: int,
              files: Mapping[str, str] | None = None) -> None:
@@ -218,7 +222,7 @@ class DockerLauncher(Launcher):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.name, "image": self.image,
-                "network": "host" if self.host_network else "bridge (ports published on 127.0.0.1)"}
+                "network": "host" if self.host_network else f"{self.network} (ports published on 127.0.0.1)"}
 
     # -- engines -------------------------------------------------------------------------------------------
     def _launch_postgres(self, server: Any, port: int) -> None:
@@ -231,15 +235,12 @@ class DockerLauncher(Launcher):
         from .base import free_port
 
         listen, inside, options = self._listen(port)
-        if self.host_network:
-            server.admin_port = free_port()
-            admin_inside = server.admin_port
-        else:
+        server.admin_port = free_port()  # the sampler's port (MariaDB extra_port, MySQL admin_port)
+        admin_inside = server.admin_port
+        if not self.host_network:
             admin_inside = CONTAINER_PORTS["mysql"] + 1
-            server.admin_port = free_port()
             options["ports"][f"{admin_inside}/tcp"] = ("127.0.0.1", server.admin_port)
-        command = server.engine_impl.server_options(listen=listen if listen != "*" else "0.0.0.0", port=inside,
-                                                    admin_port=admin_inside)
+        command = server.engine_impl.server_options(listen=listen, port=inside, admin_port=admin_inside)
         spec = definition("mysql", {"image": self.image, "admin_password": server.admin_password, "command": command})
         self._run("mysql", spec, options, port)
 
@@ -252,13 +253,13 @@ class DockerLauncher(Launcher):
         backend_container = getattr(getattr(backend, "launcher", None), "container", None)
         if not self.host_network and backend_container is not None:
             backend_container.reload()
-            backend_host = backend_container.attrs["NetworkSettings"]["IPAddress"]
+            backend_host = backend_container.attrs["NetworkSettings"]["Networks"][self.network]["IPAddress"]
             backend_port = CONTAINER_PORTS["postgres"]
         first = bouncer.account()
         spec = definition("pgbouncer", {
             "image": self.image, "db_host": backend_host, "db_port": backend_port, "db_user": first.user,
             "db_password": first.password, "db_name": bouncer.dbname,
-            "listen_addr": listen if listen != "*" else "0.0.0.0", "listen_port": inside,
+            "listen_addr": listen, "listen_port": inside,
             "options": bouncer.pgbouncer_options()})
         # Every application's user and the console's admin: the image itself writes only DB_USER's line,
         # and keeps a file that is already there.

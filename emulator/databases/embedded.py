@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UsageError
+from .base import server_user
 from .native import NativeLauncher
 
 #: Where the mirrored installation lives when servers run as another user (root only).
@@ -149,8 +150,6 @@ class EmbeddedLauncher(NativeLauncher):
         return found
 
     def usable_bindir(self) -> Path:
-        from .base import server_user
-
         if server_user() is None or reachable_by_others(self.bindir):
             return self.bindir
         return mirrored_bindir(self.bindir, self.cache_root)

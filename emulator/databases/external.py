@@ -30,7 +30,12 @@ class External(Database):
     """Base of the external providers: accounts from URLs, checks on attach."""
 
     provider = "external"
+    #: URL schemes of the engine, how messages name it, its default port, and the engine description
+    #: whose queries the sampler runs (set by subclasses).
     schemes: tuple[str, ...] = ()
+    label = ""
+    default_port = 0
+    engine_impl: Any = None
 
     def __init__(self, url: str, *, applications: Iterable[str] = (DEFAULT_APPLICATION,),
                  application_urls: Mapping[str, str] | None = None) -> None:
@@ -45,13 +50,13 @@ class External(Database):
                              f"{', '.join(self.applications)}")
         self._urls: dict[str, str] = {}
         for app in self.applications:
-            url_i = self.normalise(application_urls.get(app, url))
-            own = self._parse(url_i, f"the database URL of application {app!r}")
+            app_url = self.normalise(application_urls.get(app, url))
+            own = self._parse(app_url, f"the database URL of application {app!r}")
             if (own["host"], own["port"], own["dbname"]) != (self.host, self.port, self.dbname):
-                raise UsageError(f"the database URL of application {app!r} ({_redact(url_i)}) names another server "
+                raise UsageError(f"the database URL of application {app!r} ({_redact(app_url)}) names another server "
                                  f"or database than --db-url ({_redact(self._url)}); every application must use the "
                                  "same server and database")
-            self._urls[app] = url_i
+            self._urls[app] = app_url
             self.accounts[app] = Account(app, own["user"], own["password"])
 
     def _parse(self, url: str, what: str) -> dict[str, Any]:
@@ -68,10 +73,6 @@ class External(Database):
                 "password": urllib.parse.unquote(parts.password or ""),
                 "dbname": urllib.parse.unquote(parts.path.lstrip("/")) or self.default_dbname(user)}
 
-    label = ""
-    default_port = 0
-    engine_impl: Any = None
-
     @staticmethod
     def normalise(url: str) -> str:
         """The URL as handlers get it."""
@@ -79,6 +80,7 @@ class External(Database):
 
     @staticmethod
     def default_dbname(user: str) -> str:
+        """The database a URL without one means."""
         return ""
 
     def url_for(self, application: str | None = None) -> str:

@@ -257,8 +257,3 @@ def _execute(conn: Any, sql: str) -> Any:
         cur.execute(sql)
         return cur.fetchall()
 
-
-def check_started(db: Database) -> None:
-    """Raise when a proxy is asked to front a server that has not started."""
-    if not db.max_connections:
-        raise DatabaseStartError("the backend has not started (its max_connections is unknown); start it first")
