@@ -149,12 +149,13 @@ def test_max_connections_the_server_would_refuse_is_refused_before_anything_star
     assert list(server_tmpdir.iterdir()) == []  # no run directory, no server work directory
 
 
-def test_the_largest_accepted_postgres_max_connections_starts(server_tmpdir, monkeypatch):
-    # The top of the range is real: PostgreSQL 15 starts with it (and would refuse 262122).
+@pytest.mark.parametrize("provider", ["native", "embedded"])
+def test_the_largest_accepted_postgres_max_connections_starts(server_tmpdir, monkeypatch, provider):
+    # The top of the range is real on PostgreSQL 15 (native) and 18 (embedded).
     from emulator.databases.postgres import MAX_MAX_CONNECTIONS, PostgresServer
 
     monkeypatch.setenv("TMPDIR", str(server_tmpdir))
-    with PostgresServer(provider="native", run_id=new_run_id(), max_connections=MAX_MAX_CONNECTIONS) as db:
+    with PostgresServer(provider=provider, run_id=new_run_id(), max_connections=MAX_MAX_CONNECTIONS) as db:
         assert db.max_connections == MAX_MAX_CONNECTIONS
 
 

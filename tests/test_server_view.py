@@ -100,9 +100,9 @@ def test_applications_share_the_database_and_can_use_it(pg_apps):
     (PostgresEngine, "orders api", r"^application 'orders api': .* only letters, digits, '-' and '_'"),
     (PostgresEngine, "o'brien", r"^application \"o'brien\": .* only letters, digits"),
     (lambda: MySQLEngine(flavour="MariaDB"), "y" * 81, r"^application 'y{81}': 81 characters, but MariaDB user "
-                                                       r"names are at most 80"),
+                                                       r"names are at most 80 \(the limit every MariaDB version"),
     (lambda: MySQLEngine(flavour="MySQL"), "z" * 33, r"^application 'z{33}': 33 characters, but MySQL user names "
-                                                     r"are at most 32"),
+                                                     r"are at most 32 \(MySQL's user name length\)"),
     (lambda: MySQLEngine(flavour="MariaDB"), "root", r"^application 'root': 'root' is a user"),
 ])
 def test_user_names_the_engine_cannot_create_are_refused_before_anything_starts(engine, application, message):
@@ -111,7 +111,9 @@ def test_user_names_the_engine_cannot_create_are_refused_before_anything_starts(
 
 
 def test_user_name_limits_are_the_servers_own(server_tmpdir, monkeypatch):
-    # The longest names each engine accepts work on a real server (and one more character would not).
+    # The longest names lambdaemu accepts work on a real server. PostgreSQL would truncate a longer one
+    # (and so could merge two applications); MariaDB 10.11 would take up to 128, lambdaemu keeps to the 80
+    # every version takes.
     monkeypatch.setenv("TMPDIR", str(server_tmpdir))
     with PostgresServer(provider="native", run_id=new_run_id(), max_connections=10,
                         applications=("p" * 63,)) as db, pg_connect(db) as conn:

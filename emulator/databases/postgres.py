@@ -31,8 +31,8 @@ DEFAULT_MAX_CONNECTIONS = 100  # PostgreSQL's own default
 SUPERUSER_RESERVED_CONNECTIONS = 3
 #: The largest max_connections every supported version starts with: PostgreSQL allows fewer than
 #: 2^18 - 1 server processes in all, and counts its background workers (autovacuum, worker processes,
-#: WAL senders) against that. Measured: 15 starts with 262121 and refuses 262122; 18 (16 autovacuum
-#: slots) refuses 262121; 262107 fits both (15 started with it here in 18 s, shared memory included).
+#: WAL senders) against that. Measured here: 15 starts with 262121 and refuses 262122; 18 (16
+#: autovacuum slots) refuses 262121 and starts with 262107 (in 15 s, shared memory included).
 MAX_MAX_CONNECTIONS = 262_107
 
 _STATES = {
