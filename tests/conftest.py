@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import textwrap
 import uuid
@@ -112,6 +114,16 @@ def processes_under(path: Path) -> list[psutil.Process]:
         if proc.info["status"] != psutil.STATUS_ZOMBIE and str(path) in " ".join(proc.info["cmdline"] or []):
             found.append(proc)
     return found
+
+
+@pytest.fixture
+def server_tmpdir() -> Iterable[Path]:
+    """A TMPDIR for commands that start servers: as root, servers run as an unprivileged user, who must be
+    able to reach their work directory (pytest's own tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="test-servers-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def admin_rows(db: PostgresServer, sql: str) -> list[tuple]:

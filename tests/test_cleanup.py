@@ -27,12 +27,12 @@ def test_cleanup_kills_processes_of_dead_runs_and_removes_their_directories(tmp_
     server = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(60)", str(orphan_dir / "data")])
     try:
         assert leftovers(tmp_path) == [orphan_dir]
-        lines = list(cleanup(tmp_path))
+        lines = list(cleanup(tmp_path, containers=False))
         assert server.wait(10) is not None
         assert any(f"stopped {server.pid}" in line for line in lines)
         assert f"removed {orphan_dir}" in lines
         assert not orphan_dir.exists() and live_dir.exists()
-        assert list(cleanup(tmp_path)) == ["nothing to clean up"]
+        assert list(cleanup(tmp_path, containers=False)) == ["nothing to clean up"]
     finally:
         if server.poll() is None:
             server.kill()

@@ -4,6 +4,10 @@ idle timeout, the external provider, and the RDS max_connections formula for MyS
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -13,7 +17,8 @@ import pytest
 from conftest import new_run_id, processes_under
 from emulator.databases.base import free_port
 from emulator.databases.instances import max_connections_for
-from emulator.databases.mysql import ADMIN_USER, ExternalMySQL, MySQLServer
+from emulator.databases.external import ExternalMySQL
+from emulator.databases.mysql import ADMIN_USER, MySQLServer
 from emulator.errors import UsageError
 
 
@@ -150,12 +155,34 @@ def test_idle_timeout_closes_abandoned_connections():
             admin.close()
 
 
-def test_max_connections_the_server_would_change_is_refused():
-    db = MySQLServer(run_id=new_run_id(), max_connections=5)
-    with pytest.raises(UsageError, match=r"--max-connections 5: MariaDB would run with 10"):
-        db.start()
-    assert db.workdir is not None and not db.workdir.exists()
-    assert not processes_under(db.workdir)
+@pytest.mark.parametrize("value", [5, 9, 100_001, 200_000])
+def test_max_connections_outside_mariadbs_range_is_refused_before_anything_starts(server_tmpdir, monkeypatch, value):
+    monkeypatch.setenv("TMPDIR", str(server_tmpdir))
+    with pytest.raises(UsageError) as err:
+        MySQLServer(run_id=new_run_id(), max_connections=value)
+    assert str(err.value) == (f"--max-connections {value}: MariaDB accepts 10 to 100000 (the server would silently "
+                              "use the nearest of those instead); choose a value in that range")
+    assert list(server_tmpdir.iterdir()) == []  # no work directory, no server
+
+
+def test_max_connections_beyond_the_open_files_limit_is_refused_before_starting(server_tmpdir):
+    # With an open-files limit of 2000, MariaDB would lower 1990 to fewer connections (measured: 946).
+    # The limit is lowered in a child process: this one keeps its own.
+    code = textwrap.dedent("""
+        import resource
+        from emulator.databases.mysql import MySQLServer
+        from emulator.errors import UsageError
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2000, 2000))
+        try:
+            MySQLServer(run_id="open-files", max_connections=1990).start()
+        except UsageError as exc:
+            print(exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "TMPDIR": str(server_tmpdir)})
+    assert result.stdout.startswith("--max-connections 1990: this machine's open-files limit (2000) lets MariaDB "
+                                    "keep at most about 900 connections"), result.stdout + result.stderr
+    assert list(server_tmpdir.iterdir()) == []
 
 
 def test_external_mysql_attaches_without_starting_anything(mysql10):

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import new_run_id, processes_under
 from emulator.databases.instances import max_connections_for
-from emulator.databases.mysql import ExternalMySQL
+from emulator.databases.external import ExternalMySQL
 from emulator.databases.pgbouncer import PgBouncer
 from emulator.databases.postgres import PostgresServer
 from emulator.errors import UsageError, classify, exception_type_names

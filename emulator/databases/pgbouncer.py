@@ -1,8 +1,10 @@
 """PgBouncer in front of a PostgreSQL provider: the local stand-in for Amazon RDS Proxy.
 
-Handlers connect to PgBouncer (its `url`, `handler_env()`); PgBouncer holds the connections to the
-PostgreSQL server. Debian's `/usr/sbin/pgbouncer` is started with a generated ini in a private work
-directory labelled with the run id, listening on 127.0.0.1 on a free port.
+Handlers connect to PgBouncer (its `url`, `handler_env(application)`); PgBouncer holds the connections
+to the PostgreSQL server. The `native` launcher starts Debian's `/usr/sbin/pgbouncer` with a generated
+ini in a private work directory labelled with the run id; the `docker` launcher starts the
+edoburu/pgbouncer image with the same settings through its variables. Either listens on 127.0.0.1 on a
+free port.
 
 How the RDS Proxy target-group settings map onto PgBouncer (`M` = the backend's max_connections):
 
@@ -26,7 +28,7 @@ Authentication: PostgreSQL authenticates with SCRAM-SHA-256 (initdb --auth-host=
 PgBouncer must be able to log in to it with SCRAM. It can do that from a plain-text password or, with
 a copied SCRAM secret, only by passing a client's own SCRAM proof through, which fails for connections
 PgBouncer opens on its own (min_pool_size) and needs the secrets kept identical to pg_authid. So
-`auth_file` holds the run's random passwords in plain text (mode 0600, inside the private work directory,
+`auth_file` holds the run's random passwords (every application's) in plain text (mode 0600, inside the private work directory,
 deleted with it) and clients authenticate to PgBouncer with `auth_type = scram-sha-256`: no password
 crosses the socket, and the server login works for every connection PgBouncer opens.
 
@@ -40,20 +42,17 @@ psycopg handlers must connect with `prepare_threshold=None`.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import re
 import resource
-import shutil
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import DatabaseStartError, UsageError
-from .base import (ConnectionRow, Database, ProxyStats, chown_tree, free_port, log_tail, make_workdir,
-                   random_password, remove_workdir, spawn_server, stop_process, wait_ready)
-
-ADMIN_USER = "lambdaemu_admin"
+from .base import (ConnectionRow, Database, LogCounter, ProxyStats, ServerCounters, launch_until_ready,
+                   random_password)
+from .server import ADMIN_USER
 CONSOLE_DB = "pgbouncer"
 #: Client connections PgBouncer accepts (RDS Proxy has no documented small limit; the fd limit does).
 MAX_CLIENT_CONN = 10_000
@@ -135,35 +134,33 @@ class PgBouncerSettings:
     }
 
 
-def find_pgbouncer() -> Path:
-    """The pgbouncer binary (PATH, then /usr/sbin), or a UsageError saying how to get it."""
-    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
-    if found is None:
-        raise UsageError("--proxy pgbouncer: no pgbouncer binary found (looked in PATH and /usr/sbin); "
-                         "run scripts/install-system-deps or apt-get install pgbouncer")
-    return Path(found)
-
-
 class PgBouncer(Database):
-    """PgBouncer in front of a PostgreSQL `Database`, configured from RDS Proxy settings.
+    """PgBouncer in front of a PostgreSQL `Database`, configured from RDS Proxy settings, started by a
+    launcher (`native`: Debian's pgbouncer; `docker`: the edoburu/pgbouncer image).
 
-    Handler-facing facts (`url`, `handler_env()`, host/port/user/password/dbname) point at PgBouncer;
-    `max_connections` is the backend's. The sampler uses two connections: `backend.admin_connect()` for
-    `connections()` (the server's view) and `admin_connect()` (the PgBouncer console) for `stats()`.
+    Handler-facing facts (`url`, `handler_env()`, host/port/dbname, every application's account) point
+    at PgBouncer, which knows each application's user and password; `max_connections` is the backend's.
+    The sampler uses two connections: `backend.admin_connect()` for `connections()` and `counters()` (the
+    server's view) and `admin_connect()` (the PgBouncer console) for `stats()` and `proxy_counters()`.
     The backend is started and stopped by the caller unless `owns_backend` is true.
     """
 
     engine = "postgres"
+    kind = "pgbouncer"
+    #: PgBouncer's log line for a client turned away at max_client_conn (log_pooler_errors, on by default).
+    refusal_log = re.compile(rb"no more connections allowed")
+    bind_error = re.compile(r"in use", re.I)
 
     def __init__(self, backend: Database, run_id: str, *, max_connections_percent: int = 100,
                  max_idle_connections_percent: int | None = None, connection_borrow_timeout_s: float = 120.0,
                  idle_client_timeout_s: float = 1800.0,
                  server_idle_timeout_s: float = DEFAULT_SERVER_IDLE_TIMEOUT_S,
-                 owns_backend: bool = False, binary: Path | None = None) -> None:
-        super().__init__()
+                 owns_backend: bool = False, binary: Path | None = None, launcher: Any = None,
+                 provider: str | None = None, max_client_conn: int = MAX_CLIENT_CONN) -> None:
         if backend.engine != "postgres":
             raise UsageError(f"--proxy pgbouncer: PgBouncer speaks PostgreSQL, not {backend.engine}; "
                              "use --engine postgres or drop --proxy")
+        super().__init__(backend.applications)
         self.backend = backend
         self.run_id = run_id
         self.proxy = ProxySettings(max_connections_percent=max_connections_percent,
@@ -173,18 +170,29 @@ class PgBouncer(Database):
                                    server_idle_timeout_s=server_idle_timeout_s)
         self.proxy.validate()
         self.owns_backend = owns_backend
-        self.binary = binary or find_pgbouncer()
+        self.max_client_conn = max_client_conn
+        if launcher is None:
+            from . import launcher_for
+
+            # PgBouncer runs where its backend runs: in a container next to a container, else natively.
+            launcher = launcher_for("docker" if (provider or backend.provider) == "docker" else "native",
+                                    "pgbouncer", pgbouncer_binary=binary)
+        self.launcher = launcher
         self.provider = backend.provider
         self.settings: PgBouncerSettings | None = None
         self.admin_password = ""
-        self.workdir: Path | None = None
-        self.proc: subprocess.Popen | None = None
+        self.nofile = 0
+        self._refusals: LogCounter | None = None
+
+    @property
+    def workdir(self) -> Path | None:
+        """The launcher's private work directory (configuration, auth file, log), when it has one."""
+        return getattr(self.launcher, "workdir", None)
 
     @property
     def log_path(self) -> Path:
-        """PgBouncer's log (it logs to stderr) in its work directory."""
-        assert self.workdir is not None
-        return self.workdir / "pgbouncer.log"
+        """PgBouncer's log (it logs to stderr) in its work directory (native launcher)."""
+        return self.launcher.log_path
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -193,46 +201,43 @@ class PgBouncer(Database):
         if not self.backend.max_connections:
             raise DatabaseStartError("PgBouncer needs a started backend (its max_connections is unknown); "
                                      "start the PostgreSQL provider first or pass owns_backend=True")
-        self.user, self.password, self.dbname = self.backend.user, self.backend.password, self.backend.dbname
+        self.accounts = dict(self.backend.accounts)
+        self.dbname = self.backend.dbname
         self.max_connections = self.backend.max_connections
-        self.version = subprocess.run([str(self.binary), "--version"], capture_output=True,
-                                      text=True).stdout.splitlines()[0].strip()
         pool = max(1, math.floor(self.proxy.max_connections_percent * self.max_connections / 100))
-        nofile = _fd_limit_for(MAX_CLIENT_CONN + pool + _FD_MARGIN)
-        self.settings = PgBouncerSettings.from_proxy(self.proxy, self.max_connections,
-                                                     max_client_conn=max(1, min(MAX_CLIENT_CONN, nofile - pool - _FD_MARGIN)))
-        self.workdir = make_workdir(self.run_id, "pgbouncer")
+        self.nofile = _fd_limit_for(self.max_client_conn + pool + _FD_MARGIN)
+        self.settings = PgBouncerSettings.from_proxy(
+            self.proxy, self.max_connections,
+            max_client_conn=max(1, min(self.max_client_conn, self.nofile - pool - _FD_MARGIN)))
         self.admin_password = random_password()
-        auth_file = self.workdir / "userlist.txt"
-        auth_file.write_text(f'"{self.user}" "{self.password}"\n"{ADMIN_USER}" "{self.admin_password}"\n')
-        auth_file.chmod(0o600)
-        for attempt in range(3):  # a free port can be taken between choosing and binding it
-            self.port = free_port()
-            ini = self.workdir / "pgbouncer.ini"
-            ini.write_text(self._ini(auth_file))
-            chown_tree(self.workdir)
-            with _soft_nofile(nofile):  # the child inherits the limit at fork
-                self.proc = spawn_server([str(self.binary), str(ini)], self.log_path, cwd=self.workdir)
-            try:
-                wait_ready(self._check_app, what="PgBouncer", timeout_s=30,
-                           retry_on=(_psycopg().OperationalError,), proc=self.proc, log_path=self.log_path,
-                           hint="check the generated pgbouncer.ini and that the PostgreSQL backend accepts the app user")
-                break
-            except DatabaseStartError:
-                stop_process(self.proc)
-                if attempt == 2 or "in use" not in log_tail(self.log_path, 20):
-                    raise
+        self.launcher.prepare(self)
 
-    def _ini(self, auth_file: Path) -> str:
+        def launch(port: int) -> None:
+            self.port = port
+            self.launcher.launch(self, port)
+
+        launch_until_ready(launch, self._check_apps, what="PgBouncer", retry_on=(_psycopg().OperationalError,),
+                           kill=self.launcher.kill, exited=self.launcher.exited, tail=self.launcher.log_tail,
+                           bind_error=self.bind_error, timeout_s=30,
+                           hint="check the PgBouncer settings and that the PostgreSQL backend accepts the app users")
+        self.version = self.launcher.pgbouncer_version()
+        reader = self.launcher.log_reader()
+        if reader is not None:
+            self._refusals = LogCounter(reader, self.refusal_log)
+
+    def auth_file_text(self) -> str:
+        """PgBouncer's auth_file: every application's user and the console's admin, in plain text (see
+        the module docstring for why)."""
+        lines = [f'"{account.user}" "{account.password}"' for account in self.accounts.values()]
+        lines.append(f'"{ADMIN_USER}" "{self.admin_password}"')
+        return "\n".join(lines) + "\n"
+
+    def pgbouncer_options(self) -> dict[str, Any]:
+        """The [pgbouncer] settings lambdaemu gives every PgBouncer (native ini or image variables)."""
         s = self.settings
-        assert s is not None and self.workdir is not None
-        backend = self.backend
-        pgbouncer = {
-            "listen_addr": "127.0.0.1",
-            "listen_port": self.port,
-            "unix_socket_dir": "",  # TCP only: a socket file in /tmp would outlive a killed run
+        assert s is not None
+        return {
             "auth_type": "scram-sha-256",
-            "auth_file": auth_file,
             "admin_users": ADMIN_USER,
             "stats_users": ADMIN_USER,
             "pool_mode": s.pool_mode,
@@ -252,21 +257,31 @@ class PgBouncer(Database):
             "log_connections": 0,
             "log_disconnections": 0,
         }
+
+    def ini_text(self, *, listen_port: int, auth_file: Path, backend_host: str, backend_port: int) -> str:
+        """pgbouncer.ini for a PgBouncer on 127.0.0.1:`listen_port` in front of the backend."""
+        pgbouncer = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": listen_port,
+            "unix_socket_dir": "",  # TCP only: a socket file in /tmp would outlive a killed run
+            "auth_file": auth_file,
+            **self.pgbouncer_options(),
+        }
         lines = ["[databases]",
-                 f"{self.dbname} = host={backend.host} port={backend.port} dbname={backend.dbname}",
+                 f"{self.dbname} = host={backend_host} port={backend_port} dbname={self.backend.dbname}",
                  "", "[pgbouncer]"]
         lines += [f"{key} = {value}" for key, value in pgbouncer.items()]
         return "\n".join(lines) + "\n"
 
-    def _check_app(self) -> None:
-        # Ready means the handlers' account got a real answer from PostgreSQL through PgBouncer.
-        with _psycopg().connect(self.url, connect_timeout=5, prepare_threshold=None) as conn:
-            conn.execute("SELECT 1")
+    def _check_apps(self) -> None:
+        # Ready means every application's account got a real answer from PostgreSQL through PgBouncer.
+        for application in self.applications:
+            with _psycopg().connect(self.url_for(application), connect_timeout=5, prepare_threshold=None) as conn:
+                conn.execute("SELECT 1")
 
     def _stop(self) -> None:
         # SIGTERM is PgBouncer's immediate shutdown (SIGINT would wait for clients, frozen ones included).
-        stop_process(self.proc)
-        remove_workdir(self.workdir)
+        self.launcher.stop()
         if self.owns_backend:
             self.backend.stop()
 
@@ -276,12 +291,15 @@ class PgBouncer(Database):
         info["proxy"] = {
             "kind": "pgbouncer",
             "version": self.version,
+            "launcher": self.launcher.describe(),
             "rds_proxy": {**asdict(self.proxy), "max_idle_connections_percent": self.proxy.idle_percent},
             "settings": ({name: {"value": value, "from": PgBouncerSettings.SOURCES[name]}
                           for name, value in asdict(self.settings).items()} if self.settings else {}),
         }
         info["backend"] = self.backend.describe()
         info["version"] = self.backend.version
+        if "launcher" in info["backend"]:  # how the database itself runs, as for a run without a proxy
+            info["launcher"] = info["backend"]["launcher"]
         return info
 
     def admin_connect(self) -> Any:
@@ -294,6 +312,16 @@ class PgBouncer(Database):
     def connections(self, conn: Any) -> list[ConnectionRow]:
         """The backend's server-side connections; `conn` comes from `backend.admin_connect()`."""
         return self.backend.connections(conn)
+
+    def counters(self, conn: Any) -> ServerCounters:
+        """The backend's counters; `conn` comes from `backend.admin_connect()`."""
+        return self.backend.counters(conn)
+
+    def proxy_counters(self) -> ServerCounters:
+        """PgBouncer's own refusals (clients turned away at max_client_conn, counted from its log; None
+        when the launcher cannot read it). PgBouncer has no counter of client logins."""
+        return ServerCounters(sessions_opened=None,
+                              refused=self._refusals.poll() if self._refusals is not None else None)
 
     def stats(self, conn: Any | None = None) -> ProxyStats:
         """Client and server connections of the app database now, from the console (`conn` from
@@ -330,20 +358,6 @@ def _fd_limit_for(wanted: int) -> int:
     """The open-files limit PgBouncer can have: `wanted`, or the hard limit if that is lower."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-
-
-@contextlib.contextmanager
-def _soft_nofile(limit: int) -> Iterator[None]:
-    """Raise the soft open-files limit while a child is forked, then restore ours."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft >= limit:
-        yield
-        return
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _psycopg() -> Any:
