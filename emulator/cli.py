@@ -62,7 +62,10 @@ def main() -> None:
               help="Where run directories are created when --out is not given.")
 @click.option("--force", is_flag=True,
               help="Let --out be the directory of an earlier, finished run: its files are removed first.")
-def run_command(as_json: bool, results_dir: str, force: bool, **raw: Any) -> None:
+@click.option("--scenario", "scenario_path", metavar="FILE",
+              help="A TOML scenario: functions and services sharing one account and one database (see Scenarios "
+                   "in the README); options given here override its values.")
+def run_command(as_json: bool, results_dir: str, force: bool, scenario_path: str | None, **raw: Any) -> None:
     """Start a database, drive open-loop load through emulated Lambda environments, and write a run
     directory (samples, invocations, environments, logs, summary.json, chart.png)."""
     from rich.console import Console
@@ -77,8 +80,15 @@ def run_command(as_json: bool, results_dir: str, force: bool, **raw: Any) -> Non
             if results_dir.startswith("--"):
                 raise UsageError(f"--results-dir: {results_dir!r} is an option, not a value; give --results-dir "
                                  "a directory")
-            config = RunConfig.from_strings(raw)
-            result = run(config, display=LiveDisplay(), results_root=results_dir, force=force, handle_signals=True)
+            if scenario_path is not None:
+                if scenario_path.startswith("--"):
+                    raise UsageError(f"--scenario: {scenario_path!r} is an option, not a value; give a TOML file")
+                from .scenario import load_scenario
+
+                target: Any = load_scenario(scenario_path, raw)
+            else:
+                target = RunConfig.from_strings(raw)
+            result = run(target, display=LiveDisplay(), results_root=results_dir, force=force, handle_signals=True)
         except UsageError as exc:
             _fail(str(exc), 2)
         except LambdaemuError as exc:

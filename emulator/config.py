@@ -659,6 +659,15 @@ class FunctionConfig:
     provisioned: int
     scale_rate: tuple[int, float]
     exec_argv: tuple[str, ...] | None = None
+    #: A service (the EC2 side) rather than a function: `instances` long-lived processes, each serving up
+    #: to `concurrency` requests at once; never frozen, never reclaimed, outside the account's concurrency.
+    instances: int = 0
+    concurrency: int = 0
+
+    @property
+    def service(self) -> bool:
+        """Whether this is a service rather than a Lambda function."""
+        return self.concurrency > 0
 
     @classmethod
     def from_run_config(cls, config: "RunConfig", env_vars: Mapping[str, str]) -> "FunctionConfig":

@@ -25,7 +25,7 @@ class LiveDisplay:
 
     def start(self, config: Any, run_dir: Path) -> None:
         self._started = time.monotonic()
-        self._duration = config.duration_s
+        self._duration = getattr(config, "duration_s", 0.0)
         self.console.print(f"[bold]lambdaemu run[/] → {run_dir}")
         self._live = Live(self._render(), console=self.console, auto_refresh=False, transient=False)
         self._live.start()

@@ -49,6 +49,9 @@ class EnvSpec:
     cwd: str = field(default_factory=os.getcwd)
     #: A program to exec instead of the Python init phase (a Runtime API client), or None.
     exec_argv: tuple[str, ...] | None = None
+    #: 0: a Lambda environment (one invocation at a time). N > 0: a service instance (an application
+    #: server on EC2) serving up to N requests at once from as many threads, never frozen.
+    concurrency: int = 0
 
     def log_path(self, env_id: int) -> str:
         """The environment's log file (its stdout and stderr, like a CloudWatch log stream). The baseline
@@ -222,25 +225,53 @@ def environment_main(sock: socket.socket, spec: EnvSpec) -> None:
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(1)
     send_report(sock, ("ready", (time.perf_counter() - started) * 1000))
+    if spec.concurrency:
+        _serve_concurrently(sock, spec, handler)
+        os._exit(0)
 
     while True:
         message = receive_invoke(sock)
         if message is None:
             break  # the supervisor closed our channel: we were reclaimed
         _, request_id, event, remaining_ms = message
-        context = LambdaContext(request_id, spec.function_name, spec.memory_mb, remaining_ms)
-        t0 = time.perf_counter()
-        try:
-            handler(event, context)
-            status, kind, type_name, text = "ok", "", "", ""
-        except Exception as exc:  # noqa: BLE001 - the invocation fails, the environment stays warm
-            traceback.print_exc()
-            status = "handler_error"
-            kind, type_name, text = _describe(exc)
+        result = _invoke(handler, spec, request_id, event, remaining_ms)
         sys.stdout.flush()
         sys.stderr.flush()
-        send_report(sock, ("result", request_id, status, kind, type_name, text, (time.perf_counter() - t0) * 1000))
+        send_report(sock, result)
     os._exit(0)
+
+
+def _invoke(handler: Callable[[Any, Any], Any], spec: EnvSpec, request_id: str, event: Any,
+            remaining_ms: float) -> tuple:
+    """Call the handler once and build the result message."""
+    context = LambdaContext(request_id, spec.function_name, spec.memory_mb, remaining_ms)
+    t0 = time.perf_counter()
+    try:
+        handler(event, context)
+        status, kind, type_name, text = "ok", "", "", ""
+    except Exception as exc:  # noqa: BLE001 - the invocation fails, the environment stays warm
+        traceback.print_exc()
+        status = "handler_error"
+        kind, type_name, text = _describe(exc)
+    return ("result", request_id, status, kind, type_name, text, (time.perf_counter() - t0) * 1000)
+
+
+def _serve_concurrently(sock: socket.socket, spec: EnvSpec, handler: Callable[[Any, Any], Any]) -> None:
+    """A service instance: requests run on a pool of `spec.concurrency` threads, as in a threaded
+    application server with one database pool per process; each result is sent when it is ready."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+
+    def serve(request_id: str, event: Any, remaining_ms: float) -> None:
+        result = _invoke(handler, spec, request_id, event, remaining_ms)
+        with lock:  # one datagram at a time from the pool's threads
+            send_report(sock, result)
+
+    with ThreadPoolExecutor(spec.concurrency, thread_name_prefix="lambdaemu-request") as pool:
+        while (message := receive_invoke(sock)) is not None:
+            _, request_id, event, remaining_ms = message
+            pool.submit(serve, request_id, event, remaining_ms)
 
 
 def _is_handler_import_error(exc: BaseException, handler: str) -> bool:

@@ -22,10 +22,10 @@ from typing import Any, Sequence
 
 #: Cumulative counters (per function and for the whole run), then the environments by state now.
 COUNTERS = ("invocations", "ok", "throttles", "errors", "cold_starts", "environments_started",
-            "environments_ended", "initialising", "busy", "frozen", "vanished")
+            "environments_ended", "initialising", "busy", "frozen", "vanished", "serving")
 _C = {name: i for i, name in enumerate(COUNTERS)}
 #: State codes in the table (0: empty or ended).
-STATE_CODES = {"initialising": 1, "busy": 2, "frozen": 3, "vanished": 4}
+STATE_CODES = {"initialising": 1, "busy": 2, "frozen": 3, "vanished": 4, "serving": 5}
 STATE_NAMES = {code: name for name, code in STATE_CODES.items()}
 #: What the sampler publishes for the live display: time of the last sample (ms since t0), established
 #: connections, max_connections, samples taken, samples missed.
@@ -165,7 +165,7 @@ class FleetRecorder:
         self.index = function_index
         events.env_spawn.add_listener(self._on_spawn)
         events.env_started.add_listener(lambda env: env.probe or fleet.set_pid(env.id, env.pid))
-        events.env_ready.add_listener(lambda env: self._state(env, "busy"))
+        events.env_ready.add_listener(lambda env: self._state(env, "serving" if env.function.service else "busy"))
         events.env_thaw.add_listener(lambda env: self._state(env, "busy"))
         events.env_freeze.add_listener(lambda env: self._state(env, "frozen"))
         events.env_vanish.add_listener(lambda env: self._state(env, "vanished"))
@@ -182,7 +182,8 @@ class FleetRecorder:
             return
         f = self.index[env.function.name]
         self.fleet.bump("environments_started", f)
-        self.fleet.set_state(env.id, f, "initialising")
+        # A service's instances are its servers from the start: never a Lambda environment initialising.
+        self.fleet.set_state(env.id, f, "serving" if env.function.service else "initialising")
 
     def _on_end(self, env: Any) -> None:
         if env.probe:

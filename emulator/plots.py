@@ -78,8 +78,14 @@ def chart(run_dir: Path, path: Path | None = None) -> Path:
         if row.get("lag_ms") not in (None, ""):
             lag_max[second] = max(lag_max.get(second, 0.0), float(row["lag_ms"]))
 
-    fig, (ax_conn, ax_env, ax_inv, ax_lag) = plt.subplots(
-        4, 1, figsize=(11, 11), sharex=True, gridspec_kw={"height_ratios": [3, 1.5, 1.6, 1.1]})
+    by_application = _by_application(run_dir / "connections.csv")
+    panels = 5 if len(by_application) > 1 else 4
+    ratios = [3, 2.4, 1.5, 1.6, 1.1] if panels == 5 else [3, 1.5, 1.6, 1.1]
+    fig, axes = plt.subplots(panels, 1, figsize=(11, 11 + 2.5 * (panels - 4)), sharex=True,
+                             gridspec_kw={"height_ratios": ratios})
+    ax_conn, ax_env, ax_inv, ax_lag = axes[0], axes[-3], axes[-2], axes[-1]
+    if panels == 5:
+        _application_panel(axes[1], by_application, max_conn)
     title = (f"lambdaemu {run.get('run_id', '')}: {config.get('rps', '?')} req/s, pool max "
              f"{config.get('pool_max', '?')}, {config.get('handler', '')} [{run.get('status', '?')}]")
     fig.suptitle(title, fontsize=11)
@@ -150,6 +156,31 @@ def chart(run_dir: Path, path: Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _by_application(path: Path) -> dict[str, dict[float, float]]:
+    """Established connections per application (database user) at each sample time, from connections.csv."""
+    series: dict[str, dict[float, float]] = defaultdict(dict)
+    times: set[float] = set()
+    for row in iter_csv(path):
+        t = float(row["t_s"])
+        times.add(t)
+        if row["state"] != "connecting":
+            by_t = series[row["application"] or "?"]
+            by_t[t] = by_t.get(t, 0.0) + int(row["count"])
+    return {app: {t: values.get(t, 0.0) for t in sorted(times)} for app, values in sorted(series.items())}
+
+
+def _application_panel(ax: object, by_application: dict[str, dict[float, float]], max_conn: object) -> None:
+    """The picture a team draws in its post-mortem: who holds the connections, against the limit."""
+    times = sorted(next(iter(by_application.values())))
+    ax.stackplot(times, *[[series[t] for t in times] for series in by_application.values()],
+                 labels=list(by_application), alpha=0.8, step="post")
+    if max_conn:
+        ax.axhline(max_conn, color="red", linewidth=2, label=f"max_connections = {max_conn}")
+    ax.set_ylabel("connections\nby application")
+    _legend(ax, ncol=4)
+    ax.grid(alpha=0.3)
 
 
 def _cloudwatch(ax: object, run: dict, samples: list[dict[str, str]]) -> None:

@@ -53,14 +53,17 @@ SAMPLE_COLUMNS = (
     "t_s",
     # what the database sees: client connections by state (the sampler's own excluded)
     "connections", "active", "idle", "idle_in_transaction", "other",
-    # the same connections by the state of the environment that owns them
-    "held_busy", "held_frozen", "held_initialising", "held_vanished", "held_unknown",
+    # the same connections by the state of the environment that owns them (held_serving: by a service's
+    # instances, the EC2 side)
+    "held_busy", "held_frozen", "held_initialising", "held_vanished", "held_serving", "held_unknown",
     # connection attempts not yet established (authenticating, or being refused); not in `connections`
     "connecting",
     # the server's own cumulative counters: sessions it opened (churn) and connections it refused
     "sessions_opened", "refused",
     # the fleet; `envs_unconnected`: live environments holding no server connection at that instant
     "envs", "envs_busy", "envs_frozen", "envs_initialising", "envs_vanished", "envs_unconnected", "in_flight",
+    # the services' long-lived instances
+    "service_instances",
     # cumulative counters
     "invocations", "throttles", "errors", "cold_starts",
     "max_connections",
@@ -72,9 +75,13 @@ SAMPLE_COLUMNS = (
     "sample_ms", "samples_missed", "sample_error",
 )
 
+#: The database's connections at each sample by application (database user), state and the state of the
+#: environment holding them: one row per non-zero combination (long format).
+CONNECTION_SAMPLE_COLUMNS = ("t_s", "application", "state", "owner_state", "count")
+
 FUNCTION_SAMPLE_COLUMNS = (
     "t_s", "function", "envs", "envs_busy", "envs_frozen", "envs_initialising", "envs_vanished", "in_flight",
-    "invocations", "throttles", "errors", "cold_starts", "held",
+    "invocations", "throttles", "errors", "cold_starts", "held", "service_instances",
 )
 
 
@@ -172,8 +179,10 @@ class RunDirectory:
         # Written by the sampler process; created here so a run that never sampled still has them.
         self.samples_path = path / "samples.csv"
         self.functions_path = path / "functions.csv"
+        self.connections_path = path / "connections.csv"
         create_csv(self.samples_path, SAMPLE_COLUMNS)
         create_csv(self.functions_path, FUNCTION_SAMPLE_COLUMNS)
+        create_csv(self.connections_path, CONNECTION_SAMPLE_COLUMNS)
 
     def update(self, **fields: Any) -> None:
         """Merge `fields` into run.json and write it (atomically, so a crash never leaves half a file)."""
@@ -435,7 +444,7 @@ class _Tally:
         lag = _number(row.get("lag_ms"))
         if lag is not None:
             self.lag.add(lag)
-        start, scheduled = _number(row.get("start_s")), _number(row.get("scheduled_s"))
+        start = _number(row.get("start_s"))
         if start is not None:
             self.last_start = start if self.last_start is None else max(self.last_start, start)
         if status == "throttled":
@@ -452,13 +461,19 @@ class _Tally:
             value = _number(row.get(key))
             if value is not None:
                 sketch.add(value)
-        if scheduled is not None:
-            # What would overlap had each invocation started on time and taken its own init + duration.
-            busy_s = ((_number(row.get("init_ms")) or 0.0) + (_number(row.get("duration_ms")) or 0.0)) / 1000
-            if status in ("timeout", "crash", "init_error", "out_of_memory", "interrupted"):
-                end = _number(row.get("end_s"))
-                busy_s = max(busy_s, (end - start) if end is not None and start is not None else 0.0)
-            self.ideal.add(scheduled, scheduled + busy_s)
+        self.ideal_add(row)
+
+    def ideal_add(self, row: dict[str, str]) -> None:
+        """Count an invocation towards the ideal peak: what would overlap had each invocation started on
+        time and taken its own init + duration."""
+        scheduled, start = _number(row.get("scheduled_s")), _number(row.get("start_s"))
+        if scheduled is None or row["status"] == "throttled":
+            return
+        busy_s = ((_number(row.get("init_ms")) or 0.0) + (_number(row.get("duration_ms")) or 0.0)) / 1000
+        if row["status"] in ("timeout", "crash", "init_error", "out_of_memory", "interrupted"):
+            end = _number(row.get("end_s"))
+            busy_s = max(busy_s, (end - start) if end is not None and start is not None else 0.0)
+        self.ideal.add(scheduled, scheduled + busy_s)
 
     def figures(self, window_s: float, load_start: float) -> dict[str, Any]:
         served = self.invocations - self.statuses.get("throttled", 0)
@@ -544,6 +559,35 @@ def _warnings(fidelity: dict[str, Any], host_cpus: Any) -> list[str]:
     return found
 
 
+def _application_peaks(path: Path) -> dict[str, dict[str, int]]:
+    """Per application (database user): the most established connections it held at one sample, and the
+    most of them held by frozen and by vanished environments (rows of one sample are consecutive)."""
+    peaks: dict[str, Counter[str]] = {}
+    current: dict[str, Counter[str]] = {}
+    current_t = None
+
+    def close_sample() -> None:
+        for app, figures in current.items():
+            best = peaks.setdefault(app, Counter())
+            for key, value in figures.items():
+                best[key] = max(best[key], value)
+
+    for row in iter_csv(path):
+        if row["t_s"] != current_t:
+            close_sample()
+            current, current_t = {}, row["t_s"]
+        if row["state"] == "connecting":
+            continue
+        figures = current.setdefault(row["application"], Counter())
+        count = int(row["count"])
+        figures["peak_connections"] += count
+        if row["owner_state"] in ("frozen", "vanished"):
+            figures[f"peak_held_by_{row['owner_state']}"] += count
+    close_sample()
+    return {app: {key: best[key] for key in ("peak_connections", "peak_held_by_frozen", "peak_held_by_vanished")}
+            for app, best in sorted(peaks.items())}
+
+
 def summarize(run_dir: Path) -> dict[str, Any]:
     """Compute summary.json from the files of a run directory (complete or not), in one streaming pass
     over each file."""
@@ -553,11 +597,15 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     load_start = run.get("load_start_s") or 0.0
 
     total = _Tally()
+    lambda_only = _Tally()  # the ideal peak of environments concerns functions, not services' requests
+    services = set(run.get("services") or ())
     by_function: dict[str, _Tally] = {}
     first_errors: dict[str, str] = {}
     for row in iter_csv(run_dir / "invocations.csv"):
         total.add(row)
         name = row.get("function") or ""
+        if name not in services:
+            lambda_only.ideal_add(row)
         by_function.setdefault(name, _Tally()).add(row)
         if row["status"] not in ("ok", "throttled") and row["error_kind"] not in first_errors:
             first_errors[row["error_kind"]] = row["message"]
@@ -570,14 +618,16 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     absorbed = 0
     for row in iter_csv(run_dir / "environments.csv"):
         environments += 1
-        per_env_invocations.append(int(row.get("invocations") or 0))
+        if (row.get("function") or "") not in services:
+            per_env_invocations.append(int(row.get("invocations") or 0))
         absorbed += int(row.get("absorbed") or 0)
         start, end = _number(row.get("created_s")), _number(row.get("ended_s"))
         if start is None:
             continue
         name = row.get("function") or ""
         env_counts[name] += 1
-        env_peak.add(start, end)
+        if name not in services:  # a service's instances are not Lambda environments
+            env_peak.add(start, end)
         env_peaks.setdefault(name, IntervalPeak()).add(start, end)
 
     peaks: Counter[str] = Counter()
@@ -619,6 +669,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             refused_first = refused if refused_first is None else refused_first
             refused_last = refused
 
+    applications = _application_peaks(run_dir / "connections.csv")
+
     function_peaks: Counter[str] = Counter()
     for row in iter_csv(run_dir / "functions.csv"):
         function_peaks[row["function"]] = max(function_peaks[row["function"]], int(row.get("envs") or 0))
@@ -631,7 +683,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "dispatch_lag_ms": figures["dispatch_lag_ms"],
         "dispatched_rps": figures["dispatched_rps"],
         "dispatch_span_s": figures["dispatch_span_s"],
-        "ideal_peak_environments": figures["ideal_peak_environments"],
+        "ideal_peak_environments": lambda_only.ideal.peak(),
         "samples": samples,
         "samples_missed": samples_missed,
         "longest_sample_gap_s": round(longest_gap, 3),
@@ -646,7 +698,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "run_id": run.get("run_id"),
         "status": run.get("status"),
-        "target_rps": config.get("rps"),
+        "target_rps": round(sum(run["targets"].values()), 3) if run.get("targets") else config.get("rps"),
         "achieved_rps": figures["achieved_rps"],
         "arrival_rps": figures["arrival_rps"],
         "duration_s": config.get("duration_s"),
@@ -688,6 +740,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     functions: dict[str, Any] = {}
     for name, tally in sorted(by_function.items()):
         f = tally.figures(window, load_start)
+        f["target_rps"] = (run.get("targets") or {}).get(name)
         f["peak_environments"] = max(env_peaks[name].peak() if name in env_peaks else 0, function_peaks[name])
         f["environments"] = env_counts[name]
         functions[name] = f
@@ -695,5 +748,6 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         functions[name] = {"invocations": 0, "environments": env_counts[name],
                            "peak_environments": max(env_peaks[name].peak(), function_peaks[name])}
     summary["functions"] = functions
+    summary["applications"] = applications
     summary["warnings"] = _warnings(fidelity, run.get("host", {}).get("cpus"))
     return summary

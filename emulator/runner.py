@@ -15,17 +15,19 @@ the chart are skipped (the display says so in one line).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from . import databases, load
 from .config import FunctionConfig, RunConfig
-from .errors import LambdaemuError, RunInterrupted
+from .errors import LambdaemuError, RunInterrupted, UsageError
 from .events import Events
 from .fleet import FleetRecorder, FleetState
 from .handlers import check_handler
@@ -34,6 +36,7 @@ from .loop import Loop
 from .results import (RunDirectory, check_run_dir, environment_row, host_info, invocation_row, new_run_id, versions,
                       write_summary_and_chart)
 from .sampler import SamplerConfig, SamplerProcess
+from .scenario import Scenario, target_rate
 from .supervisor import Supervisor
 from .zygote import ZygoteClient
 
@@ -71,9 +74,10 @@ class Display(Protocol):
     def stop(self) -> None: ...
 
 
-def function_env(config: RunConfig, db: databases.Database) -> dict[str, str]:
-    """The function's environment variables: the database, the pool settings, then --env overrides."""
-    env = db.handler_env()
+def function_env(config: RunConfig, db: databases.Database, application: str | None = None) -> dict[str, str]:
+    """The function's environment variables: the database (as `application`'s own user, when given),
+    the pool settings, then --env overrides."""
+    env = db.handler_env(application) if application is not None else db.handler_env()
     env.update(POOL_MAX=str(config.pool_max), WORK_SECONDS=f"{config.work_s:g}", WORK_DIST=config.work_dist,
                QUERIES=str(config.queries), PARALLEL_QUERIES=str(config.parallel_queries),
                FUNCTION_TIMEOUT_SECONDS=f"{config.timeout_s:g}")
@@ -87,10 +91,19 @@ def function_env(config: RunConfig, db: databases.Database) -> dict[str, str]:
     return env
 
 
-def validate(config: RunConfig, run_id: str) -> databases.Database:
+def validate(scenario: Scenario | RunConfig, run_id: str) -> databases.Database:
     """Everything that can be checked before starting anything; returns the (unstarted) provider."""
-    check_handler(config.handler)
-    return databases.create(config, run_id)
+    if isinstance(scenario, RunConfig):
+        scenario = Scenario.from_config(scenario)
+    for config in scenario.configs:
+        check_handler(config.handler)
+    return databases.create(scenario.run, run_id, applications=scenario.applications)
+
+
+def application_seed(seed: int, name: str, index: int) -> int:
+    """Each application's own arrival stream: the run's seed for the first (so a one-function run's
+    schedule depends on --seed alone), a seed derived from the name for the others."""
+    return seed if index == 0 else (seed + zlib.crc32(name.encode())) % 2**31
 
 
 class _Signals:
@@ -129,10 +142,12 @@ class _Signals:
             raise RunInterrupted(signum)
 
 
-def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator[float] | None = None,
+def run(target: RunConfig | Scenario, *, display: Display | None = None, arrivals: Iterator[float] | None = None,
         results_root: Path | str = "results", run_id: str | None = None,
         handle_signals: bool = False, force: bool = False) -> RunResult:
-    """Run one emulation and write its run directory. Raises UsageError (nothing started) for bad input.
+    """Run one emulation (a `RunConfig`: one function; or a `Scenario`: functions and services sharing
+    an account and a database) and write its run directory. Raises UsageError (nothing started) for bad
+    input.
 
     `force` lets `config.out` be the directory of an earlier, finished run: its files are replaced.
 
@@ -140,8 +155,14 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
     `load.fixed([0, 0.1, 2.0])` for an exact scenario. `handle_signals` installs handlers for SIGINT,
     SIGTERM and SIGHUP for the duration of the run (the CLI does; a library caller decides).
     """
+    scenario = target if isinstance(target, Scenario) else Scenario.from_config(target)
+    config = scenario.run
+    names = scenario.applications
+    if arrivals is not None and len(names) != 1:
+        raise UsageError("arrivals= gives one schedule: use it with a one-function run, or give each function "
+                         "of a scenario its load")
     run_id = run_id or new_run_id()
-    db = validate(config, run_id)
+    db = validate(scenario, run_id)
     run_dir = Path(config.out) if config.out else Path(results_root) / run_id
     check_run_dir(run_dir, option="--out" if config.out else "--results-dir", given=config.out or str(results_root),
                   force=force)
@@ -150,15 +171,19 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
         db.start()  # attaches only: an unreachable --db-url is a usage error, before anything starts
     results = RunDirectory(run_dir, run_id, replace=force)
     results.update(run_id=run_id, status="starting", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   config=config.public_dict(), seed=seed, versions=versions(), host=host_info())
+                   config=config.public_dict(), seed=seed, versions=versions(), host=host_info(),
+                   targets={c.function_name: target_rate(c) for c in scenario.configs},
+                   services=[s.name for s in scenario.services])
+    if scenario.source:
+        results.update(scenario=scenario.public_dict())
 
     signals = _Signals()
     if handle_signals and threading.current_thread() is threading.main_thread():
         signals.install()
 
     events = Events()
-    fleet = FleetState([config.function_name])
-    FleetRecorder(fleet, events, {config.function_name: 0})
+    fleet = FleetState(names)
+    FleetRecorder(fleet, events, {name: i for i, name in enumerate(names)})
     events.invocation_end.add_listener(
         lambda invocation: invocation.probe or results.invocations.write(invocation_row(invocation)))
     events.env_end.add_listener(lambda env: env.probe or results.environments.write(environment_row(env)))
@@ -191,39 +216,47 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
         if config.provider != "external":
             db.start()
         results.update(database=db.describe())
-        env_vars = function_env(config, db)
-        warm_error = zygote.warm(env_vars)
+        env_vars = {c.function_name: function_env(c, db, c.function_name) for c in scenario.configs}
+        warm_error = zygote.warm(env_vars[names[0]])
         if warm_error:
             results.update(zygote_warm_error=warm_error)
-        supervisor = Supervisor([FunctionConfig.from_run_config(config, env_vars)],
-                                concurrency_limit=config.concurrency_limit, zygote=zygote, loop=loop,
-                                events=events, logs_dir=results.logs, run_id=run_id, seed=seed)
+        supervisor = Supervisor(
+            [FunctionConfig.from_run_config(f, env_vars[f.function_name]) for f in scenario.functions]
+            + [dataclasses.replace(FunctionConfig.from_run_config(s.config, env_vars[s.name]), instances=s.instances,
+                                   concurrency=s.concurrency) for s in scenario.services],
+            concurrency_limit=config.concurrency_limit, zygote=zygote, loop=loop, events=events,
+            logs_dir=results.logs, run_id=run_id, seed=seed)
         supervisor.start()
         # The wall-clock time of t0, for views aligned on the clock (CloudWatch's 1-minute periods).
         results.update(t0_unix=round(time.time() - supervisor.now(), 3))
         sampler.begin(SamplerConfig(
             db=databases.database_view(db), proxy=db if config.proxy != "none" else None,
             interval_s=config.sample_interval_s, t0=supervisor.t0, samples_path=str(results.samples_path),
-            functions_path=str(results.functions_path), functions=(config.function_name,)))
+            functions_path=str(results.functions_path), connections_path=str(results.connections_path),
+            functions=tuple(names)))
         signals.supervisor = supervisor
         signals.phase = "loop"
         if signals.received:
             raise RunInterrupted(signals.received[0])
-        if config.baseline == "on":
+        if config.baseline == "on" and scenario.functions:
             if display:
                 display.phase("measuring one environment alone (baseline)")
-            results.update(baseline={config.function_name: supervisor.measure_baseline(config.function_name)})
-        if config.provisioned:
+            results.update(baseline={f.function_name: supervisor.measure_baseline(f.function_name)
+                                     for f in scenario.functions})
+        provisioned = sum(f.provisioned for f in scenario.functions)
+        instances = sum(s.instances for s in scenario.services)
+        if provisioned or instances:
             if display:
-                display.phase(f"initialising {config.provisioned} provisioned environments")
+                display.phase(f"initialising {provisioned} provisioned environments and {instances} service instances")
             supervisor.provision()
         if display:
             display.phase("running")
-        schedule = arrivals if arrivals is not None else load.schedule(config.arrivals, config.rps, config.duration_s,
-                                                                       seed, config.profile)
         load_start = supervisor.now()
         results.update(status="running", load_start_s=round(load_start, 3))
-        supervisor.add_arrivals(config.function_name, schedule, load_start)
+        for index, c in enumerate(scenario.configs):
+            schedule = arrivals if arrivals is not None else load.schedule(
+                c.arrivals, c.rps, c.duration_s, application_seed(seed, c.function_name, index), c.profile)
+            supervisor.add_arrivals(c.function_name, schedule, load_start)
 
         def tick() -> None:
             results.flush()
@@ -257,7 +290,7 @@ def run(config: RunConfig, *, display: Display | None = None, arrivals: Iterator
                     # The window arrivals came in: a config's schedule ends at --duration (what follows
                     # is the drain); a given schedule, or an interrupted run, ends where it ended.
                     elapsed = supervisor.now() - results.run_info["load_start_s"]
-                    load_window = min(elapsed, config.duration_s) if arrivals is None else elapsed
+                    load_window = min(elapsed, scenario.duration_s) if arrivals is None else elapsed
                 _clean_up(supervisor, zygote, sampler, db, signals)
                 break
             except RunInterrupted:

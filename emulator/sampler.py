@@ -53,6 +53,7 @@ class SamplerConfig:
     t0: float  # the supervisor's t0 (time.monotonic() is one clock for every process)
     samples_path: str
     functions_path: str
+    connections_path: str
     functions: tuple[str, ...]
 
 
@@ -146,18 +147,22 @@ class _Sampler:
         self.missed = 0
         self._samples_fh = open(config.samples_path, "a", newline="")
         self._functions_fh = open(config.functions_path, "a", newline="")
+        self._connections_fh = open(config.connections_path, "a", newline="")
         self._samples_csv = csv.writer(self._samples_fh)
         self._functions_csv = csv.writer(self._functions_fh)
+        self._connections_csv = csv.writer(self._connections_fh)
 
     def close(self) -> None:
         for conn in (self._conn, self._proxy_conn):
             _close_quietly(conn)
         self._samples_fh.close()
         self._functions_fh.close()
+        self._connections_fh.close()
 
     def run(self, control: socket.socket) -> None:
         interval = self.config.interval_s
         base = self.config.t0
+        self._sample_logged()  # before the load: where the server's counters start from
         tick = math.floor((time.monotonic() - base) / interval) + 1
         while True:
             wait = base + tick * interval - time.monotonic()
@@ -190,7 +195,6 @@ class _Sampler:
         """Take one sample now and write it."""
         fleet = self.fleet
         row: dict[str, Any] = dict.fromkeys(SAMPLE_COLUMNS, "")
-        envs = {env_id: (pid, func, state) for env_id, pid, func, state in fleet.environments()}
         errors = []
         rows: list[Any] = []
         owners: list[Any] = []
@@ -210,13 +214,17 @@ class _Sampler:
             errors.append(f"database: {_first_line(exc)}")
             self._conn = _close_quietly(self._conn)
             answered = time.monotonic()
+        # The fleet as of the moment the server answered, so both halves of the picture are of one instant.
+        envs = {env_id: (pid, func, state) for env_id, pid, func, state in fleet.environments()}
         states = Counter(r.state for r in rows)
         # Attempts still authenticating (or being refused) are not connections the server holds.
         established = len(rows) - states["connecting"]
         row.update(connections=established, connecting=states["connecting"], active=states["active"],
                    idle=states["idle"], idle_in_transaction=states["idle_in_transaction"], other=states["other"])
+        server_owners: list[Any] = [None] * len(rows)
         if self.proxy is None:
             owners = attribute(rows, envs, lambda: port_owners(self.db.port, (p for p, _, _ in envs.values() if p)))
+            server_owners = owners
         else:
             # Behind a proxy the server's connections belong to the proxy; what environments hold are
             # their client connections to it, so those are what the held_* columns attribute.
@@ -237,7 +245,7 @@ class _Sampler:
         unconnected = sum(1 for pid, _, state in envs.values() if state in ("busy", "frozen") and pid not in holders)
         held_by_function = Counter(owner[1] for owner in owners if owner)
         row.update(held_busy=held["busy"], held_frozen=held["frozen"], held_initialising=held["initialising"],
-                   held_vanished=held["vanished"], held_unknown=held["unknown"])
+                   held_vanished=held["vanished"], held_serving=held["serving"], held_unknown=held["unknown"])
         self._release_vanished(envs, owners)
 
         totals = fleet.totals()
@@ -246,7 +254,7 @@ class _Sampler:
         row.update(t_s=t_s, sample_ms=round((answered - queried) * 1000, 1), samples_missed=self.missed,
                    envs=totals["initialising"] + totals["busy"] + totals["frozen"],
                    envs_busy=totals["busy"], envs_frozen=totals["frozen"], envs_initialising=totals["initialising"],
-                   envs_vanished=totals["vanished"], envs_unconnected=unconnected,
+                   envs_vanished=totals["vanished"], envs_unconnected=unconnected, service_instances=totals["serving"],
                    in_flight=totals["busy"] + totals["initialising"],
                    invocations=totals["invocations"], throttles=totals["throttles"], errors=totals["errors"],
                    cold_starts=totals["cold_starts"], max_connections=self.db.max_connections,
@@ -258,10 +266,21 @@ class _Sampler:
             self._functions_csv.writerow([
                 t_s, name, f["initialising"] + f["busy"] + f["frozen"], f["busy"], f["frozen"], f["initialising"],
                 f["vanished"], f["busy"] + f["initialising"], f["invocations"], f["throttles"], f["errors"],
-                f["cold_starts"], held_by_function.get(index, 0)])
+                f["cold_starts"], held_by_function.get(index, 0), f["serving"]])
         self._functions_fh.flush()
+        self._write_connections(t_s, rows, server_owners)
         fleet.publish(last_sample_ms=int(t_s * 1000), connections=established, max_connections=self.db.max_connections,
                       samples=self.samples, samples_missed=self.missed)
+
+    def _write_connections(self, t_s: float, rows: list[Any], owners: list[Any]) -> None:
+        # Behind a proxy the server's sessions belong to the proxy: their owner is unknown, but their user
+        # is still the application's (the proxy logs in as the client's user).
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for row, owner in zip(rows, owners):
+            counts[(getattr(row, "user", "") or "", row.state, owner[2] if owner else "unknown")] += 1
+        self._connections_csv.writerows([t_s, app, state, owner_state, n]
+                                        for (app, state, owner_state), n in sorted(counts.items()))
+        self._connections_fh.flush()
 
     def _release_vanished(self, envs: dict[int, tuple[int, int, str]], owners: list[Any]) -> None:
         # A vanished environment the server shows no connection of holds nothing any more.

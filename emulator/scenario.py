@@ -17,7 +17,8 @@ Sections:
 - `description` (text): what the scenario shows.
 - `[run]`: `duration`, `seed`, `sample_interval`, `baseline`, `env_nice`.
 - `[account]`: `concurrency_limit`.
-- `[database]`: `engine`, `provider`, `url`, `max_connections` or `instance`, `idle_timeout`.
+- `[database]`: `engine`, `provider`, `url`, `max_connections` or `instance`, `idle_timeout`, and the
+  images of `--provider docker`.
 - `[proxy]`: `kind` (`pgbouncer`), `max_connections_percent`, `max_idle_percent`, `borrow_timeout`,
   `idle_client_timeout`.
 - `[defaults]`: function keys every function and service starts from.
@@ -49,7 +50,8 @@ _RUN_KEYS = {"duration": "duration_s", "seed": "seed", "sample_interval": "sampl
              "baseline": "baseline", "env_nice": "env_nice"}
 _ACCOUNT_KEYS = {"concurrency_limit": "concurrency_limit"}
 _DATABASE_KEYS = {"engine": "engine", "provider": "provider", "url": "db_url", "max_connections": "max_connections",
-                  "instance": "db_instance", "idle_timeout": "db_idle_timeout_s"}
+                  "instance": "db_instance", "idle_timeout": "db_idle_timeout_s", "postgres_image": "postgres_image",
+                  "mysql_image": "mysql_image", "pgbouncer_image": "pgbouncer_image"}
 _PROXY_KEYS = {"kind": "proxy", "max_connections_percent": "proxy_max_connections_percent",
                "max_idle_percent": "proxy_max_idle_percent", "borrow_timeout": "proxy_borrow_timeout_s",
                "idle_client_timeout": "proxy_idle_client_timeout_s"}
@@ -104,6 +106,11 @@ class Scenario:
         return tuple(f.function_name for f in self.functions) + tuple(s.name for s in self.services)
 
     @property
+    def configs(self) -> tuple[RunConfig, ...]:
+        """The configuration of every application: the functions', then the services'."""
+        return self.functions + tuple(s.config for s in self.services)
+
+    @property
     def duration_s(self) -> float:
         """How long arrivals keep coming: the longest load of any function or service."""
         loads = [f.duration_s for f in self.functions] + [s.config.duration_s for s in self.services]
@@ -115,6 +122,27 @@ class Scenario:
                 "functions": [f.public_dict() for f in self.functions],
                 "services": [{"name": s.name, "instances": s.instances, "concurrency": s.concurrency,
                               "config": s.config.public_dict()} for s in self.services]}
+
+
+def target_rate(config: RunConfig) -> float:
+    """The mean arrival rate a configuration asks for: its profile's over the run, or --rps."""
+    if not config.profile:
+        return config.rps
+    from .load import parse_profile
+
+    profile = parse_profile(config.profile)
+    total = profile.total_s(config.duration_s)
+    if not total:
+        return 0.0
+    expected = 0.0
+    for segment, length in zip(profile.segments, profile.durations(total)):
+        if segment.profile == "replay":
+            from .load import read_replay
+
+            expected += len(read_replay(Path(segment.path)))
+        else:
+            expected += segment.mean_rate(length) * length
+    return round(expected / total, 3)
 
 
 def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
@@ -230,8 +258,11 @@ class _Reader:
                      for i, entry in enumerate(functions_data)]
         services = [self._service(i, entry, defaults, run, function_overrides, names)
                     for i, entry in enumerate(services_data)]
-        check_reservations(run.concurrency_limit, [(f.function_name, f.reserved_concurrency) for f in functions],
-                           limit_flag="account.concurrency_limit")
+        try:
+            check_reservations(run.concurrency_limit, [(f.function_name, f.reserved_concurrency) for f in functions],
+                               limit_flag="account.concurrency_limit")
+        except UsageError as exc:
+            raise UsageError(f"{self.path}: functions: {exc}") from None
         provisioned = sum(f.provisioned for f in functions)
         if provisioned > run.concurrency_limit:
             raise self.fail("functions", f"provisioned concurrency adds up to {provisioned}, above "
@@ -322,3 +353,37 @@ def _absolute_replays(text: str, base_dir: Path) -> str:
         return f"replay:{path if path.is_absolute() else base_dir / path}"
 
     return re.sub(r"replay:([^+]+?)(?=\s\+\s|$)", fix, text)
+
+
+def scenario_keys_markdown() -> str:
+    """The README's table of scenario keys, generated from the settings table (a test keeps them equal)."""
+
+    def default(name: str) -> str:
+        setting = SETTINGS_BY_NAME[name]
+        text = setting.default_text()
+        return text if setting.kind != "duration" or setting.default is None else f'"{text}"'
+
+    def unit(name: str) -> str:
+        kind = SETTINGS_BY_NAME[name].kind
+        return {"duration": 'a duration text ("300ms", "5s", "10m")', "int": "a whole number",
+                "float": "a number", "choice": "one of: " + ", ".join(SETTINGS_BY_NAME[name].choices),
+                "text": "text", "pairs": "a table of text values", "scale_rate": 'text "N/DURATION"'}[kind]
+
+    lines = ["| section | key | option | default | value |", "|---|---|---|---|---|"]
+    for section, keys in (("[run]", _RUN_KEYS), ("[account]", _ACCOUNT_KEYS), ("[database]", _DATABASE_KEYS),
+                          ("[proxy]", _PROXY_KEYS)):
+        for key, name in keys.items():
+            lines.append(f"| `{section}` | `{key}` | `{SETTINGS_BY_NAME[name].flag}` | {default(name)} | {unit(name)} |")
+    for key, name in _FUNCTION_KEYS.items():
+        where = "functions, services, defaults" if key in _SERVICE_KEYS else "functions, defaults"
+        lines.append(f"| {where} | `{key}` | `{SETTINGS_BY_NAME[name].flag}` | {default(name)} | {unit(name)} |")
+    lines += [
+        "| functions, services | `name` | | (required) | 1 to 32 lowercase letters, digits and underscores, starting "
+        "with a letter: it is also the application's database user |",
+        "| functions, services, defaults | `load` | `--profile` | `rps` at `arrivals` | a profile text, a table "
+        "(`{profile = \"ramp\", from = 10, to = 200, over = \"60s\"}`), or a list of tables in sequence |",
+        "| services | `instances` | | 1 | a whole number of long-lived processes, 1 to 10000 |",
+        "| services | `concurrency` | | 1 | requests each instance serves at once (its threads), 1 to 10000 |",
+        "| (top level) | `description` | | \"\" | text: what the scenario shows |",
+    ]
+    return "\n".join(lines)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import deque
 import signal
 import socket
 import time
@@ -38,6 +39,8 @@ from .protocol import ProtocolError, encode_invoke, read_report
 from .zygote import ZygoteClient
 
 INITIALISING, BUSY, FROZEN, VANISHED, ENDED = "initialising", "busy", "frozen", "vanished", "ended"
+#: A service instance once ready: serving, never frozen.
+SERVING = "serving"
 LIVE_STATES = (INITIALISING, BUSY, FROZEN)
 
 #: How long the shutdown waits for environments to exit after SIGTERM before SIGKILL.
@@ -77,6 +80,7 @@ class Invocation:
     #: Why it failed, when its error kind alone does not say (a timeout behind refused connections).
     cause: str = ""
     probe: bool = False
+    timer: Timer | None = None  # a service request's timeout
 
 
 @dataclass(eq=False)
@@ -102,6 +106,9 @@ class Environment:
     absorbed: int = 0
     probe: bool = False
     current: Invocation | None = None
+    #: A service instance's requests in flight (by request id); timed-out ones stay until they answer,
+    #: as their thread is still busy.
+    requests: dict[str, Invocation] | None = None
     timeout_timer: Timer | None = None
     timers: tuple[Timer, ...] = ()
     recycle: bool = False
@@ -124,8 +131,11 @@ class Function:
         self.policy = policy
         self.idle = IdlePool(config.routing, rng, FROZEN)
         self.provisioned_idle = IdlePool(config.routing, rng, FROZEN)
-        self.counts = {INITIALISING: 0, BUSY: 0, FROZEN: 0, VANISHED: 0}
+        self.counts = {INITIALISING: 0, BUSY: 0, FROZEN: 0, VANISHED: 0, SERVING: 0}
         self.peak_environments = 0
+        self.service = config.service
+        self.instances: list[Environment] = []
+        self.queue: deque[Invocation] = deque()  # a service's requests waiting for a free thread
         self.timeout_message = f"Task timed out after {config.timeout_s:g} seconds"
         self.init_timeout_message = f"init phase exceeded {config.init_limit_s:g} seconds"
 
@@ -171,8 +181,9 @@ class Supervisor:
         # Request ids look like Lambda's (UUIDs) and are unique per run: a random prefix and a counter
         # (a fresh uuid4 per arrival is measurable supervisor CPU at 1000 req/s).
         self._request_prefix = str(uuid.uuid4())[:24]
-        self.counts = {INITIALISING: 0, BUSY: 0, FROZEN: 0, VANISHED: 0}
+        self.counts = {INITIALISING: 0, BUSY: 0, FROZEN: 0, VANISHED: 0, SERVING: 0}
         self.peak_environments = 0
+        self.shutting_down = False
         self._streams: list[_ArrivalStream] = []
         self._vanished: dict[int, Environment] = {}
 
@@ -186,7 +197,7 @@ class Supervisor:
             self.zygote.define(function.index, EnvSpec(
                 handler=c.handler, env_vars=dict(c.env_vars), log_dir=str(self.logs_dir),
                 function_name=c.name, memory_mb=c.memory_mb, init_delay_s=c.init_delay_s,
-                exec_argv=c.exec_argv))
+                exec_argv=c.exec_argv, concurrency=c.concurrency))
         self.zygote.on_spawned = self._on_spawned
         self.zygote.on_spawn_failed = self._on_spawn_failed
         self.zygote.on_exited = self._on_exited
@@ -214,12 +225,21 @@ class Supervisor:
         Escalates: SIGCONT (a stopped process ignores SIGTERM until continued), SIGTERM, grace, SIGKILL;
         `fast` (a second Ctrl-C) goes straight to SIGKILL and waits less for exit reports.
         """
+        self.shutting_down = True
         for stream in self._streams:
             stream.cancel()
         now = self.now()
+        for function in self.functions:
+            while function.queue:
+                inv = function.queue.popleft()
+                if not inv.status:
+                    self._finish_request(None, inv, now, status="interrupted", kind="interrupted")
         for env in list(self._envs.values()):
             if env.current is not None:
                 self._finish(env, env.current, now, status="interrupted", kind="interrupted")
+            for inv in list((env.requests or {}).values()):
+                if not inv.status:
+                    self._finish_request(env, inv, now, status="interrupted", kind="interrupted")
             if env.state != ENDED:
                 self._end(env, "run_end", signal_=None)
         fast = fast or self.hurried
@@ -249,9 +269,12 @@ class Supervisor:
     # driving the loop
 
     def provision(self, timeout_s: float | None = None) -> None:
-        """Initialise every function's provisioned environments before load starts; wait until ready."""
+        """Initialise every function's provisioned environments and every service's instances before
+        load starts; wait until they are ready."""
         envs = [self._spawn(function, provisioned=True)
-                for function in self.functions for _ in range(function.config.provisioned)]
+                for function in self.functions if not function.service for _ in range(function.config.provisioned)]
+        envs += [self._spawn(function, provisioned=True)
+                 for function in self.functions if function.service for _ in range(function.config.instances)]
         limit = max((f.config.init_limit_s for f in self.functions), default=10.0) if timeout_s is None else timeout_s
         deadline = self.clock() + limit + 5
         while any(env.state == INITIALISING for env in envs) and self.clock() < deadline:
@@ -295,7 +318,7 @@ class Supervisor:
         if self.fatal_error is not None:
             raise self.fatal_error
         result: dict[str, Any] = {"init_ms": round(init_ms, 3) if init_ms is not None else None,
-                                  "duration_ms": durations}
+                                  "duration_ms": durations, "pid": env.pid}
         if error:
             result["error"] = error
         return result
@@ -312,8 +335,11 @@ class Supervisor:
         return any(not s.done for s in self._streams)
 
     def in_flight(self) -> int:
-        """Invocations running now (each holds one environment, busy or initialising)."""
-        return self.counts[BUSY] + self.counts[INITIALISING]
+        """Invocations running now: each holds one environment (busy or initialising), or a service's
+        thread, or waits in a service's queue."""
+        services = sum(len(env.requests or ()) for f in self.functions if f.service for env in f.instances)
+        queued = sum(len(f.queue) for f in self.functions)
+        return self.counts[BUSY] + self.counts[INITIALISING] + services + queued
 
     def run(self, *, on_tick: Callable[[], None] | None = None, tick_s: float = 0.5,
             until_s: float | None = None) -> None:
@@ -351,6 +377,9 @@ class Supervisor:
         seq = next(self._inv_seq)
         inv = Invocation(seq, f"{self._request_prefix}{seq:012x}", function.name, scheduled)
         now = self.now()
+        if function.service:
+            self._arrive_at_service(function, inv, now)
+            return
         policy = function.policy
         reason = policy.admit()
         if not reason:
@@ -393,6 +422,102 @@ class Supervisor:
         env.timeout_timer = self.loop.call_at(self.clock() + config.timeout_s, self._invocation_timeout, env, inv)
 
     # ------------------------------------------------------------------------------------------------
+    # services: long-lived instances serving requests concurrently (the EC2 side)
+
+    def _arrive_at_service(self, function: Function, inv: Invocation, now: float) -> None:
+        # A request waits at most the timeout, queued or running, as behind a load balancer.
+        inv.timer = self.loop.call_at(self.clock() + function.config.timeout_s, self._request_timeout, inv)
+        env = self._free_instance(function)
+        if env is None:
+            function.queue.append(inv)
+        else:
+            self._send_request(env, inv, now)
+
+    @staticmethod
+    def _free_instance(function: Function) -> Environment | None:
+        best = None
+        for env in function.instances:
+            if env.state == SERVING and len(env.requests or ()) < function.config.concurrency:
+                if best is None or len(env.requests or ()) < len(best.requests or ()):
+                    best = env
+        return best
+
+    def _send_request(self, env: Environment, inv: Invocation, now: float) -> None:
+        inv.start = now
+        inv.env_id, inv.env_pid = env.id, env.pid
+        assert env.requests is not None and env.sock is not None
+        env.requests[inv.request_id] = inv
+        env.invocations += 1
+        self.events.invocation_start.fire(invocation=inv, env=env)
+        try:
+            env.sock.send(encode_invoke(inv.request_id, {"seq": inv.seq}, env.function.config.timeout_s * 1000))
+        except OSError:
+            pass  # it died; its EOF fails what it was serving
+
+    def _serve_queue(self, function: Function) -> None:
+        while function.queue:
+            env = self._free_instance(function)
+            if env is None:
+                return
+            inv = function.queue.popleft()
+            if not inv.status:  # a request that timed out while queued is finished already
+                self._send_request(env, inv, self.now())
+
+    def _request_timeout(self, inv: Invocation) -> None:
+        inv.timer = None
+        if inv.status:
+            return
+        env = self._envs.get(inv.env_id) if inv.env_id is not None else None
+        where = "queued for a free server thread" if env is None else "running"
+        self._finish_request(env, inv, self.now(), status="timeout", kind="timeout",
+                             message=f"Request timed out after {self.by_name[inv.function].config.timeout_s:g} "
+                                     f"seconds ({where})")
+
+    def _finish_request(self, env: Environment | None, inv: Invocation, now: float, *, status: str,
+                        kind: str = "", type_name: str = "", message: str = "") -> None:
+        if inv.timer is not None:
+            inv.timer.cancel()
+            inv.timer = None
+        if not inv.start:
+            inv.start = now
+        inv.end = now
+        inv.status, inv.error_kind, inv.error_type, inv.message = status, kind, type_name, message
+        if env is not None:
+            if status == "ok":
+                env.ok += 1
+            else:
+                env.errors += 1
+        self.events.invocation_end.fire(invocation=inv)
+
+    def _on_service_result(self, env: Environment, message: tuple) -> None:
+        _, request_id, status, error_kind, error_type, text, duration_ms = message
+        assert env.requests is not None
+        inv = env.requests.pop(request_id, None)
+        if inv is None:
+            self._protocol_error(env, f"result for request {request_id!r}, which it was not serving")
+            return
+        if not inv.status:  # not timed out meanwhile
+            inv.duration_ms = duration_ms
+            self._finish_request(env, inv, self.now(), status=status, kind=error_kind, type_name=error_type,
+                                 message=text)
+        self._serve_queue(env.function)
+
+    def _service_instance_lost(self, env: Environment, status: str, kind: str, message: str) -> None:
+        """A service instance ended under its requests: fail them, and start a replacement (an
+        application server's supervisor would restart it)."""
+        now = self.now()
+        for inv in list((env.requests or {}).values()):
+            if not inv.status:
+                self._finish_request(env, inv, now, status=status, kind=kind, message=message)
+        if env.requests is not None:
+            env.requests.clear()
+        function = env.function
+        if env in function.instances:
+            function.instances.remove(env)
+        if not self.shutting_down and self.fatal_error is None:
+            self._spawn(function, provisioned=True)
+
+    # ------------------------------------------------------------------------------------------------
     # environments
 
     def _spawn(self, function: Function, *, provisioned: bool, probe: bool = False) -> Environment:
@@ -400,16 +525,20 @@ class Supervisor:
         env = Environment(id=env_id, function=function, provisioned=provisioned, created=self.now(), probe=probe)
         self._envs[env.id] = env
         self.zygote.spawn(env.id, function.index)
-        function.counts[INITIALISING] += 1
-        self.counts[INITIALISING] += 1
-        function.policy.started()
+        self._count(env, INITIALISING, 1)
+        if function.service:
+            env.requests = {}
+            function.instances.append(env)
+        else:
+            function.policy.started()
         live = self.counts[INITIALISING] + self.counts[BUSY] + self.counts[FROZEN]
         self.peak_environments = max(self.peak_environments, live)
         function.peak_environments = max(function.peak_environments, function.live())
         c = function.config
         now = self.clock()
-        timers = [self.loop.call_at(now + c.init_limit_s, self._init_deadline, env),
-                  self.loop.call_at(now + c.env_max_lifetime_s, self._lifetime_reached, env)]
+        timers = [self.loop.call_at(now + c.init_limit_s, self._init_deadline, env)]
+        if not function.service:  # a server process is neither recycled nor reclaimed
+            timers.append(self.loop.call_at(now + c.env_max_lifetime_s, self._lifetime_reached, env))
         if not provisioned:
             # One idle timer per environment, re-armed from its last use when it fires early: a timer
             # per freeze would pile up (rps × TTL entries) for environments that are reused anyway.
@@ -474,7 +603,12 @@ class Supervisor:
     def _on_env_message(self, env: Environment, message: tuple) -> None:
         kind = message[0]
         now = self.now()
-        if kind == "result":
+        if kind == "result" and env.requests is not None:
+            if env.state != SERVING:
+                self._protocol_error(env, "a result before the instance was ready")
+            else:
+                self._on_service_result(env, message)
+        elif kind == "result":
             _, request_id, status, error_kind, error_type, text, duration_ms = message
             inv = env.current
             if inv is None or inv.request_id != request_id or env.state != BUSY:
@@ -498,6 +632,11 @@ class Supervisor:
                 self._protocol_error(env, "ready reported twice")
                 return
             env.ready_at, env.init_ms = now, message[1]
+            if env.function.service:
+                self._set_state(env, SERVING)
+                self.events.env_ready.fire(env=env)
+                self._serve_queue(env.function)
+                return
             self._set_state(env, BUSY)
             self.events.env_ready.fire(env=env)
             if env.current is not None:
@@ -518,6 +657,8 @@ class Supervisor:
                 self._finish(env, env.current, now, status="init_error", kind="init_error",
                              type_name=error_type, message=text)
             self._end(env, "init_error", signal_=None)
+            if env.requests is not None:
+                self._service_instance_lost(env, "init_error", "init_error", text)
         elif kind == "oom":
             env.oom = True
         elif kind == "absorbed":
@@ -529,6 +670,11 @@ class Supervisor:
 
     def _protocol_error(self, env: Environment, reason: str) -> None:
         """The environment broke the channel's contract: fail what it was doing and discard it."""
+        if env.requests is not None:
+            self._end(env, "runtime_error", signal_=signal.SIGKILL)
+            self._service_instance_lost(env, "crash", "runtime_error",
+                                        f"the instance sent an invalid message to the supervisor: {reason}")
+            return
         if env.current is not None:
             self._finish(env, env.current, self.now(), status="crash", kind="runtime_error",
                          type_name="Runtime.InvalidMessage",
@@ -567,6 +713,11 @@ class Supervisor:
         self._drain(env)  # an "oom" or a result may be waiting behind the EOF's cause
         if env.state == ENDED:
             return
+        if env.requests is not None:
+            kind = "out_of_memory" if env.oom else "crash"
+            self._end(env, kind, signal_=None)
+            self._service_instance_lost(env, kind, kind, "service instance process exited during the request")
+            return
         if env.current is not None:
             if env.oom:
                 status = kind = "out_of_memory"
@@ -600,11 +751,10 @@ class Supervisor:
         function = env.function
         if env.state == FROZEN:
             (function.provisioned_idle if env.provisioned else function.idle).discard(env)
-        if env.state in (INITIALISING, BUSY):
+        if env.state in (INITIALISING, BUSY) and not function.service:
             function.policy.stopped()
         if env.state in self.counts:
-            self.counts[env.state] -= 1
-            function.counts[env.state] -= 1
+            self._count(env, env.state, -1)
         env.state = ENDED
         for timer in env.timers:
             timer.cancel()
@@ -636,17 +786,21 @@ class Supervisor:
     def _set_state(self, env: Environment, state: str) -> None:
         function = env.function
         old = env.state
-        self.counts[old] -= 1
-        self.counts[state] += 1
-        function.counts[old] -= 1
-        function.counts[state] += 1
-        running_before = old in (INITIALISING, BUSY)
-        running_after = state in (INITIALISING, BUSY)
+        self._count(env, old, -1)
+        self._count(env, state, 1)
+        running_before = old in (INITIALISING, BUSY) and not function.service
+        running_after = state in (INITIALISING, BUSY) and not function.service
         if running_before and not running_after:
             function.policy.stopped()
         elif running_after and not running_before:
             function.policy.started()
         env.state = state
+
+    def _count(self, env: Environment, state: str, delta: int) -> None:
+        # The run's counts are of Lambda environments; a service's instances count only for the service.
+        env.function.counts[state] += delta
+        if not env.function.service:
+            self.counts[state] += delta
 
     def _close_socket(self, env: Environment) -> None:
         if env.sock is not None:
@@ -663,8 +817,7 @@ class Supervisor:
         env.exit = how
         env.exited_at = self.now()
         if env.state == VANISHED:
-            self.counts[VANISHED] -= 1
-            env.function.counts[VANISHED] -= 1
+            self._count(env, VANISHED, -1)
             env.state = ENDED
         elif env.state != ENDED:
             self._died(env)
@@ -702,6 +855,8 @@ class Supervisor:
             self._finish(env, env.current, self.now(), status="timeout", kind="timeout",
                          message=env.function.init_timeout_message)
         self._end(env, "init_timeout", signal_=signal.SIGKILL)
+        if env.requests is not None:
+            self._service_instance_lost(env, "timeout", "timeout", env.function.init_timeout_message)
         if env.pid is None:
             self._forget(env)  # the zygote never answered; if it does, the process is killed at once
 

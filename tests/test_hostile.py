@@ -94,6 +94,8 @@ def test_package_that_exits_in_init_runs_and_fails_in_its_environments(tmp_path,
     assert statuses == {"init_error"}, statuses
     ran = {int(p.name.removeprefix("ran-")) for p in package.glob("ran-*")}
     environments = {int(row["pid"]) for row in read_csv(run_dir / "environments.csv")}
+    # ... and in the baseline environment timed before the load, which is not one of the run's.
+    environments |= {b["pid"] for b in json.loads((run_dir / "run.json").read_text())["baseline"].values()}
     assert ran and ran <= environments, (ran, environments)  # init ran in environments, never in the CLI
     assert "Traceback" not in result.stderr
 
@@ -348,6 +350,13 @@ def test_cleanup_marks_a_run_killed_with_sigkill(tmp_path, postgres):
         alive = lambdaemu("cleanup", "--results-dir", str(results), cwd=tmp_path, tmpdir=tmp_path)
         assert "marked" not in alive.stdout
         tree = psutil.Process(proc.pid).children(recursive=True)
+        # The run's janitor would mark it killed at once; here it goes down with the run (a machine that
+        # crashed), so only `lambdaemu cleanup` is left to notice.
+        run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+        for janitor in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(janitor.info["cmdline"] or [])
+            if "janitor_main" in cmdline and run_id in cmdline:
+                janitor.kill()
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:

@@ -122,8 +122,23 @@ class Database:
 
     def __getstate__(self) -> dict[str, Any]:
         # A started provider is handed to the sampler process: it needs the addresses and credentials,
-        # not the handles of the processes this one started (which cannot cross a process boundary).
-        return {k: v for k, v in self.__dict__.items() if not isinstance(v, subprocess.Popen)}
+        # not the handles of the processes this one started (which cannot cross a process boundary). A
+        # log counter is made again there, on first use, reading the log from its start.
+        state = {k: v for k, v in self.__dict__.items() if not isinstance(v, (subprocess.Popen, LogCounter))}
+        state["_refusals"] = None
+        return state
+
+    def refusal_counter(self) -> "LogCounter | None":
+        """The counter of refusal lines in this server's log, made on first use (in whichever process
+        asks), or None when the log cannot be read."""
+        counter = self.__dict__.get("_refusals")
+        pattern = getattr(self, "refusal_pattern", None)
+        launcher = getattr(self, "launcher", None)
+        if counter is None and pattern is not None and launcher is not None and self._started:
+            reader = launcher.log_reader()
+            if reader is not None:
+                counter = self._refusals = LogCounter(reader, pattern)
+        return counter
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> "Database":

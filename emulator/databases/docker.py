@@ -200,7 +200,29 @@ class DockerLauncher(Launcher):
             text = bytes(self._log).decode(errors="replace").strip().splitlines()
         return "\n".join(text[-lines:]) or "(empty log)"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # In another process (the sampler) the engine client, the container handle and the log are made
+        # again from the container's id when needed.
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("client", "container", "containers", "_log", "_log_lock")}
+        state["container_id"] = self.container.id if self.container is not None else None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.client = None
+        self.container = None
+        self.containers = []
+        self._log = bytearray()
+        self._log_lock = threading.Lock()
+        self._logged = 0
+
     def log_reader(self) -> Callable[[], bytes]:
+        if self.container is None and self.__dict__.get("container_id"):
+            self.client = self.client or docker_client()
+            self.container = self.client.containers.get(self.container_id)
+            self._follow_log(self.container)
+
         def read_new() -> bytes:
             with self._log_lock:
                 data = bytes(self._log[self._logged:])

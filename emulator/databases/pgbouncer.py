@@ -221,9 +221,9 @@ class PgBouncer(Database):
                            bind_error=self.bind_error, timeout_s=30,
                            hint="check the PgBouncer settings and that the PostgreSQL backend accepts the app users")
         self.version = self.launcher.pgbouncer_version()
-        reader = self.launcher.log_reader()
-        if reader is not None:
-            self._refusals = LogCounter(reader, self.refusal_log)
+        self.refusal_pattern = self.refusal_log
+        self._started = True  # the log counter may be made from here on
+        self.refusal_counter()
 
     def auth_file_text(self) -> str:
         """PgBouncer's auth_file: every application's user and the console's admin, in plain text (see
@@ -320,8 +320,8 @@ class PgBouncer(Database):
     def proxy_counters(self) -> ServerCounters:
         """PgBouncer's own refusals (clients turned away at max_client_conn, counted from its log; None
         when the launcher cannot read it). PgBouncer has no counter of client logins."""
-        return ServerCounters(sessions_opened=None,
-                              refused=self._refusals.poll() if self._refusals is not None else None)
+        counter = self.refusal_counter()
+        return ServerCounters(sessions_opened=None, refused=counter.poll() if counter is not None else None)
 
     def stats(self, conn: Any | None = None) -> ProxyStats:
         """Client and server connections of the app database now, from the console (`conn` from

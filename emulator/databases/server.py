@@ -14,6 +14,7 @@ Adding a launcher is one file: a `Launcher` subclass with `_launch_<engine>` met
 from __future__ import annotations
 
 import re
+import subprocess
 from typing import Any, Iterable
 
 from ..errors import DatabaseStartError, UsageError
@@ -169,6 +170,11 @@ class Launcher:
         """Launcher facts for run.json."""
         return {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Handed to the sampler process with its server: what it started stays with the process that
+        # started it.
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, subprocess.Popen)}
+
 
 class Server(Database):
     """A database server lambdaemu starts: `engine` started by `launcher`, with one user per application."""
@@ -227,9 +233,9 @@ class Server(Database):
             except engine.errors as exc:
                 raise DatabaseStartError(f"{engine.label}: the user of application {account.application!r} cannot "
                                          f"connect ({str(exc).strip()})") from None
-        reader = launcher.log_reader()
-        if engine.refusal_log is not None and reader is not None:
-            self._refusals = LogCounter(reader, engine.refusal_log)
+        self.refusal_pattern = engine.refusal_log
+        self._started = True  # the log counter may be made from here on
+        self.refusal_counter()
 
     def _stop(self) -> None:
         self.launcher.stop()
@@ -245,8 +251,8 @@ class Server(Database):
 
     def counters(self, conn: Any) -> ServerCounters:
         """Sessions opened and refusals; refusals from the server log where the engine logs them."""
-        refused = self._refusals.poll() if self._refusals is not None else None
-        return self.engine_impl.counters(conn, refused)
+        counter = self.refusal_counter()
+        return self.engine_impl.counters(conn, counter.poll() if counter is not None else None)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), **self.engine_impl.describe(), "launcher": self.launcher.describe()}
