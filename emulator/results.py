@@ -734,6 +734,12 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "cloudwatch_database_connections": minutes.periods(),
     }
     if proxy_seen:
+        # The proxy caps the server connections it holds; the database can hold a few more for a moment
+        # (a client dropped mid-statement: its old backend finishes the statement while the proxy opens
+        # a replacement). Say by how much, rather than call the cap exact.
+        cap = (((run.get("database") or {}).get("proxy") or {}).get("settings") or {}).get("max_db_connections", {})
+        summary["proxy_max_db_connections"] = cap.get("value")
+        summary["peak_over_proxy_cap"] = max(0, peaks["connections"] - cap["value"]) if cap.get("value") else None
         summary["peak_proxy_clients"] = peaks["proxy_clients"]
         summary["peak_proxy_servers"] = peaks["proxy_servers"]
         summary["peak_proxy_waiting"] = peaks["proxy_waiting"]

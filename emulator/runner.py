@@ -229,11 +229,13 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
         supervisor.start()
         # The wall-clock time of t0, for views aligned on the clock (CloudWatch's 1-minute periods).
         results.update(t0_unix=round(time.time() - supervisor.now(), 3))
-        sampler.begin(SamplerConfig(
+        sampling = sampler.begin(SamplerConfig(
             db=databases.database_view(db), proxy=db if config.proxy != "none" else None,
             interval_s=config.sample_interval_s, t0=supervisor.t0, samples_path=str(results.samples_path),
             functions_path=str(results.functions_path), connections_path=str(results.connections_path),
             functions=tuple(names)))
+        if not sampling:
+            results.update(sampler_error=f"the sampler took no first sample; see {results.logs / 'sampler.log'}")
         signals.supervisor = supervisor
         signals.phase = "loop"
         if signals.received:

@@ -41,6 +41,8 @@ from .results import SAMPLE_COLUMNS
 
 #: Longest a sampling query may run, whatever the interval (a stuck server must not stop sampling).
 STATEMENT_TIMEOUT_S = 5.0
+#: Wait before the last sample of a run that ended normally.
+SETTLE_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -163,13 +165,20 @@ class _Sampler:
         interval = self.config.interval_s
         base = self.config.t0
         self._sample_logged()  # before the load: where the server's counters start from
+        try:
+            control.send(b"ready")
+        except OSError:
+            return
         tick = math.floor((time.monotonic() - base) / interval) + 1
         while True:
             wait = base + tick * interval - time.monotonic()
             if wait > 0:
                 ready, _, _ = select.select([control], [], [], wait)
                 if ready:
-                    control.recv(4096)
+                    if control.recv(4096) == b"stop":
+                        # Servers publish a session's statistics as its backend ends (PostgreSQL flushes
+                        # them at exit): give the last ones a moment before the last look.
+                        time.sleep(SETTLE_S)
                     self._sample_logged()  # the last look at the database, on "stop" and on EOF alike
                     return
             self._sample_logged()
@@ -375,10 +384,13 @@ class SamplerProcess:
         theirs.close()
         self.sock = mine
 
-    def begin(self, config: SamplerConfig) -> None:
-        """Start sampling with `config`."""
+    def begin(self, config: SamplerConfig, timeout_s: float = 15.0) -> bool:
+        """Start sampling with `config`, and wait (at most `timeout_s`) until the first sample is taken, so
+        the load starts with the server's counters known. Returns whether it was."""
         assert self.sock is not None
         self.sock.send(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
+        ready, _, _ = select.select([self.sock], [], [], timeout_s)
+        return bool(ready) and self.sock.recv(16) == b"ready"
 
     def stop(self, timeout_s: float = 10.0, *, fast: bool = False) -> None:
         """Take a last sample (unless `fast`) and end the process. Idempotent."""

@@ -199,3 +199,38 @@ def test_rds_postgres_max_connections(instance, expected):
 def test_unknown_engine_for_instance_formula_is_a_usage_error():
     with pytest.raises(UsageError, match=r"^--engine 'oracle':"):
         max_connections_for("db.t3.micro", "oracle")
+
+
+def test_a_client_dropped_mid_statement_lets_the_database_hold_more_than_the_cap(backend):
+    # Cap 2 (10 % of 20). Two clients each hold a server connection with a long statement; one of them is
+    # killed mid-statement (as a timed-out environment is). PgBouncer drops that server connection and
+    # serves the next client with a new one at once, while the old backend runs its statement to the
+    # end: for that while the database holds 3 connections of the proxy's, one more than the cap.
+    import subprocess
+    import sys
+
+    bouncer = PgBouncer(backend, new_run_id(), max_connections_percent=10, max_idle_connections_percent=0)
+    bouncer.start()
+    sleeper = ("import psycopg, sys; c = psycopg.connect(sys.argv[1], prepare_threshold=None, autocommit=True); "
+               "c.execute('SELECT pg_sleep(3)')")
+    clients = [subprocess.Popen([sys.executable, "-c", sleeper, bouncer.url]) for _ in range(2)]
+    try:
+        with backend.admin_connect() as admin:
+            deadline = time.monotonic() + 10
+            while backend_app_connections(admin) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert backend_app_connections(admin) == 2  # the cap is full
+            clients[0].kill()  # dropped mid-statement, no goodbye
+            clients[0].wait()
+            with connect(bouncer) as third:
+                third.execute("SELECT 1")
+                held = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'").fetchone()[0]
+                sleeping = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' "
+                                         "AND query LIKE 'SELECT pg_sleep%' AND state = 'active'").fetchone()[0]
+        assert held == 3 and sleeping == 2, (held, sleeping)
+        assert bouncer.stats().server_connections == 2  # PgBouncer itself never passed its cap
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()
+        bouncer.stop()

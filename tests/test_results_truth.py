@@ -175,3 +175,35 @@ def test_an_option_given_where_a_value_belongs_is_refused(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "lambdaemu: error: --out: '--json' is an option, not a value; give --out a value (use a directory path)"]
     assert not (tmp_path / "--json").exists() and not Path(tmp_path / "results").exists()
+
+
+def test_churn_counts_every_connection_a_handler_opened(tmp_path):
+    # NullPool opens a new connection for every invocation and closes it at the end.
+    result = run(RunConfig(out=str(tmp_path / "run"), handler="workloads.sqlalchemy_nullpool:handler", rps=20,
+                           duration_s=3, arrivals="constant", work_s=0.05, init_delay_s=0, baseline="off",
+                           sample_interval_s=0.25), handle_signals=False)
+    s = Scenario(result)
+    assert s.summary["statuses"] == {"ok": 60}
+    assert s.summary["connections_opened"] == 60
+    assert s.summary["peak_connections_opened_per_s"] > 10
+
+
+def test_refused_attempts_are_not_connections(tmp_path):
+    # 40 environments connecting at once to a server that lets the application role hold 7 (10 minus the
+    # 3 superuser slots): the refused attempts are counted as refusals, never as connections.
+    handler = write_handler(tmp_path, """
+        import os, time
+        import psycopg
+
+        def handler(event, context):
+            with psycopg.connect(os.environ["DATABASE_URL"], connect_timeout=5) as conn:
+                conn.execute("SELECT pg_sleep(0.5)")
+    """)
+    result = run(RunConfig(out=str(tmp_path / "run"), max_connections=10, handler=handler, rps=80, duration_s=2,
+                           arrivals="constant", init_delay_s=0, baseline="off", sample_interval_s=0.1),
+                 handle_signals=False)
+    s = Scenario(result)
+    assert s.summary["errors"]["too_many_connections"] > 20
+    assert s.summary["peak_connections"] <= 7
+    assert s.summary["refused_by_server"] == s.summary["errors"]["too_many_connections"]
+    assert all(int(r["connections"]) <= 7 for r in s.samples if r["connections"])

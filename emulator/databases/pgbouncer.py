@@ -10,7 +10,7 @@ How the RDS Proxy target-group settings map onto PgBouncer (`M` = the backend's 
 
 | RDS Proxy                          | PgBouncer                                   | fidelity |
 |------------------------------------|---------------------------------------------|----------|
-| MaxConnectionsPercent (100)        | max_db_connections = default_pool_size = floor(pct × M / 100) | exact cap on server connections |
+| MaxConnectionsPercent (100)        | max_db_connections = default_pool_size = floor(pct × M / 100) | exact cap on the server connections PgBouncer holds; the database can hold more for a moment when a client is dropped mid-statement (its old backend finishes while PgBouncer opens a new one) |
 | ConnectionBorrowTimeout (120 s)    | query_wait_timeout                          | close: a client waiting longer for a server connection gets an error ("query_wait_timeout") and is disconnected; RDS Proxy returns a timeout error |
 | IdleClientTimeout (1800 s)         | client_idle_timeout                         | close: idle client connections are closed |
 | MaxIdleConnectionsPercent (half of MaxConnectionsPercent: 50) | min_pool_size = floor(pct × M / 100) (capped at the pool size) and server_idle_timeout (`server_idle_timeout_s`, default 60 s) | APPROXIMATE, see below |
