@@ -451,6 +451,26 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+#: Option names without dashes (`pool_idle`) → RunConfig fields (`pool_idle_s`).
+OPTION_KEYS = {s.flag[2:].replace("-", "_"): s.name for s in SETTINGS}
+
+
+def field_of(key: str) -> str | None:
+    """The RunConfig field a key names, by field (`pool_idle_s`), option name (`pool_idle`) or flag
+    (`--pool-idle`); None when it names none."""
+    key = key.removeprefix("--").replace("-", "_")
+    return key if key in SETTINGS_BY_NAME else OPTION_KEYS.get(key)
+
+
+def by_field(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`settings` keyed by RunConfig field (see `field_of`); a key that names no option is a UsageError."""
+    values = {}
+    for key, value in settings.items():
+        name = field_of(key)
+        if name is None:
+            raise UsageError(f"{where}: {key!r} is not a lambdaemu run option")
+        values[name] = value
+    return values
 
 
 @dataclass(frozen=True, kw_only=True)

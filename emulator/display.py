@@ -104,3 +104,68 @@ def summary_table(summary: dict[str, Any], run_dir: Path) -> Table:
 
 def _dash(value: Any) -> str:
     return "—" if value is None else str(value)
+
+
+class SweepDisplay:
+    """A progress bar over a whole sweep on stderr: runs done, the current point and its repeat, and the
+    current run's live figures. It is also the `Display` each run of the sweep reports to."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("{task.fields[live]}"), console=self.console,
+                                  transient=False)
+        self._task: Any = None
+        self._done = 0
+        self._point = ""
+        self._duration = 0.0
+        self._run_started = 0.0
+
+    # -- the sweep ------------------------------------------------------------------------------------
+    def begin_sweep(self, sweep_dir: Path, total: int, done: int) -> None:
+        self.console.print(f"[bold]lambdaemu sweep[/] → {sweep_dir} ({total} runs{f', {done} done' if done else ''})")
+        self._done = done
+        self._task = self._progress.add_task("sweep", total=total, completed=done, live="")
+        self._progress.start()
+
+    def note(self, text: str) -> None:
+        self._set(live=text)
+
+    def begin_run(self, point: str, repeat: int, repeats: int) -> None:
+        self._point = point + (f" (repeat {repeat}/{repeats})" if repeats > 1 else "")
+        self._set(description=self._point, live="")
+
+    def end_run(self, status: str = "complete") -> None:
+        self._done += 1
+        if status != "complete":
+            self._progress.console.print(f"  {self._point}: {status}")
+        self._set(completed=self._done, live="")
+
+    def end_sweep(self) -> None:
+        self._progress.stop()
+
+    # -- the Display protocol, for each run -------------------------------------------------------------
+    def start(self, config: Any, run_dir: Path) -> None:
+        self._duration = getattr(config, "duration_s", 0.0)
+        self._run_started = time.monotonic()
+
+    def phase(self, text: str) -> None:
+        self._set(live=f"[dim]{text}[/]")
+
+    def update(self, supervisor: Any, fleet: Any) -> None:
+        c = fleet.totals()
+        shown = fleet.published()
+        conn = f"{shown['connections']}/{shown['max_connections']}" if shown["samples"] else "?"
+        part = min(0.99, (time.monotonic() - self._run_started) / self._duration) if self._duration else 0.0
+        self._set(completed=self._done + part,
+                  live=f"t={supervisor.now():.0f}s invocations {c['invocations']} envs {c['busy'] + c['frozen']} "
+                       f"connections {conn} errors {c['errors']}")
+
+    def stop(self) -> None:
+        pass
+
+    def _set(self, **fields: Any) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, **fields)

@@ -19,6 +19,7 @@ import json
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 from .results import iter_csv, read_csv
 
@@ -212,3 +213,153 @@ def _legend(ax: object, ncol: int) -> None:
         warnings.simplefilter("ignore")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper left", fontsize=8, ncol=ncol)
+
+
+# --- comparing runs ---------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot drawing to files only (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(ax: Any, xlabel: str, ylabel: str, ncol: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    _legend(ax, ncol=ncol)
+
+
+def _save(fig: Any, out: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def connections_over_time(run_dir: Path) -> tuple[list[float], list[float], int | None]:
+    """A run's established connections at each sample, with time in seconds since its load started (so
+    runs line up), and its max_connections; read row by row from samples.csv."""
+    run = json.loads((run_dir / "run.json").read_text())
+    start = run.get("load_start_s") or 0.0
+    times, counts = [], []
+    for row in iter_csv(run_dir / "samples.csv"):
+        if row.get("connections") not in (None, ""):
+            times.append(float(row["t_s"]) - start)
+            counts.append(float(row["connections"]))
+    return times, counts, (run.get("database") or {}).get("max_connections")
+
+
+def sweep_chart(panels: list[tuple[str, list[Path]]], out: Path) -> Path:
+    """sweep.png: one panel per combination (its title, the run directories of its repeats), all on the
+    same axes: connections over time against max_connections."""
+    plt = _pyplot()
+
+    columns = min(3, max(1, len(panels)))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.0 * rows + 0.6), sharex=True, sharey=True,
+                             squeeze=False)
+    top = 1.0
+    for ax, (title, run_dirs) in zip(axes.flat, panels):
+        limits = set()
+        for i, run_dir in enumerate(run_dirs):
+            times, counts, limit = connections_over_time(run_dir)
+            top = max(top, limit or 0, *counts)
+            ax.step(times, counts, where="post", color="#1f77b4", alpha=1.0 if i == 0 else 0.5, linewidth=1.2,
+                    label="connections" if i == 0 else None)
+            if limit:
+                limits.add(limit)
+        for limit in sorted(limits):
+            ax.axhline(limit, color="red", linewidth=1.5, label=f"max_connections = {limit}")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        _legend(ax, ncol=1)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    # Room above the highest line for the legend; every panel shows its time axis (the grid may be ragged).
+    axes.flat[0].set_ylim(0, top * 1.35)
+    for ax in list(axes.flat)[:len(panels)]:
+        ax.xaxis.set_tick_params(labelbottom=True)
+        ax.set_xlabel("seconds since load start", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("connections")
+    return _save(fig, out, dpi=90)
+
+
+def overlay_chart(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
+    """compare.png: every run's connections over time on one axis, with each distinct max_connections."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(11, 5))
+    limits: dict[int, list[str]] = {}
+    for run_dir, label in zip(run_dirs, labels):
+        times, counts, limit = connections_over_time(run_dir)
+        ax.step(times, counts, where="post", linewidth=1.5, label=label)
+        if limit:
+            limits.setdefault(limit, []).append(label)
+    for limit in sorted(limits):
+        ax.axhline(limit, color="red", linewidth=1.5, linestyle="-" if len(limits) == 1 else "--",
+                   label=f"max_connections = {limit}" + ("" if len(limits) == 1 else f" ({', '.join(limits[limit])})"))
+    _label(ax, "seconds since load start", "database connections", ncol=2)
+    return _save(fig, out, dpi=100)
+
+
+#: Latency histogram bins: 40 per decade from 0.1 ms to 1000 s, fixed so that a long run costs no memory.
+_LATENCY_BINS = [10 ** (-1 + i / 40) for i in range(7 * 40 + 1)]
+
+
+def latency_chart(run_dir: Path, out: Path) -> Path:
+    """Latency and errors: a histogram of invocation latency (end − scheduled) for successes and failures,
+    and each second's mean and maximum latency with its failures, read row by row from invocations.csv."""
+    import bisect
+
+    plt = _pyplot()
+
+    histogram: dict[str, Counter[int]] = {"ok": Counter(), "failed": Counter()}
+    total: Counter[int] = Counter()
+    count: Counter[int] = Counter()
+    worst: dict[int, float] = {}
+    failed: Counter[int] = Counter()
+    for row in iter_csv(run_dir / "invocations.csv"):
+        if row["status"] == "throttled" or row.get("latency_ms") in (None, ""):
+            continue
+        latency = float(row["latency_ms"])
+        outcome = "ok" if row["status"] == "ok" else "failed"
+        # Bin i holds (_LATENCY_BINS[i - 1], _LATENCY_BINS[i]]; the ends take what lies beyond them.
+        histogram[outcome][min(max(bisect.bisect_left(_LATENCY_BINS, latency), 1), len(_LATENCY_BINS) - 1)] += 1
+        second = int(float(row["start_s"] or row["scheduled_s"]))
+        total[second] += latency
+        count[second] += 1
+        worst[second] = max(worst.get(second, 0.0), latency)
+        failed[second] += outcome == "failed"
+    fig, (ax_hist, ax_time) = plt.subplots(2, 1, figsize=(11, 6.5))
+    for outcome, colour in (("ok", "#2ca02c"), ("failed", "#d62728")):
+        if histogram[outcome]:
+            bins = sorted(histogram[outcome])
+            ax_hist.bar([_LATENCY_BINS[b - 1] for b in bins], [histogram[outcome][b] for b in bins],
+                        width=[_LATENCY_BINS[b] - _LATENCY_BINS[b - 1] for b in bins], align="edge", color=colour,
+                        alpha=0.7, label=outcome)
+    ax_hist.set_xscale("log")
+    _label(ax_hist, "latency ms (end − scheduled)", "invocations", ncol=2)
+    if count:
+        seconds = sorted(count)
+        ax_time.step(seconds, [total[s] / count[s] for s in seconds], where="post", color="#1f77b4",
+                     label="mean latency in each second")
+        ax_time.step(seconds, [worst[s] for s in seconds], where="post", color="#444444", linestyle=":",
+                     label="max latency in each second")
+        ax_time.set_yscale("log")
+        if any(failed.values()):
+            ax_fail = ax_time.twinx()
+            ax_fail.bar(seconds, [failed[s] for s in seconds], width=1.0, align="edge", color="#d62728", alpha=0.3,
+                        label="failed invocations / s")
+            ax_fail.set_ylabel("failed / s")
+            _legend(ax_fail, ncol=1)
+    _label(ax_time, "seconds since run start (by actual start)", "latency ms", ncol=2)
+    return _save(fig, out, dpi=90)

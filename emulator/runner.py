@@ -91,12 +91,20 @@ def function_env(config: RunConfig, db: databases.Database, application: str | N
     return env
 
 
-def validate(scenario: Scenario | RunConfig, run_id: str) -> databases.Database:
-    """Everything that can be checked before starting anything; returns the (unstarted) provider."""
+def validate(scenario: Scenario | RunConfig, run_id: str,
+             database: databases.Database | None = None) -> databases.Database:
+    """Everything that can be checked before starting anything; returns the (unstarted) provider, or
+    `database` (already started by the caller) once it is known to have every application's user."""
     if isinstance(scenario, RunConfig):
         scenario = Scenario.from_config(scenario)
     for config in scenario.configs:
         check_handler(config.handler)
+    if database is not None:
+        missing = sorted(set(scenario.applications) - set(database.applications))
+        if missing:
+            raise UsageError(f"the database given to run() has no user for {', '.join(missing)}; start it with "
+                             f"applications={list(scenario.applications)!r}")
+        return database
     return databases.create(scenario.run, run_id, applications=scenario.applications)
 
 
@@ -144,7 +152,8 @@ class _Signals:
 
 def run(target: RunConfig | Scenario, *, display: Display | None = None, arrivals: Iterator[float] | None = None,
         results_root: Path | str = "results", run_id: str | None = None,
-        handle_signals: bool = False, force: bool = False) -> RunResult:
+        handle_signals: bool = False, force: bool = False,
+        database: databases.Database | None = None) -> RunResult:
     """Run one emulation (a `RunConfig`: one function; or a `Scenario`: functions and services sharing
     an account and a database) and write its run directory. Raises UsageError (nothing started) for bad
     input.
@@ -154,6 +163,8 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
     `arrivals` overrides the schedule from the config (offsets in seconds from the load start), e.g.
     `load.fixed([0, 0.1, 2.0])` for an exact scenario. `handle_signals` installs handlers for SIGINT,
     SIGTERM and SIGHUP for the duration of the run (the CLI does; a library caller decides).
+    `database`: a provider the caller started (a sweep's, a test session's): the run uses it as it is and
+    leaves it running; clearing what an earlier run left on it is the caller's part.
     """
     scenario = target if isinstance(target, Scenario) else Scenario.from_config(target)
     config = scenario.run
@@ -162,12 +173,12 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
         raise UsageError("arrivals= gives one schedule: use it with a one-function run, or give each function "
                          "of a scenario its load")
     run_id = run_id or new_run_id()
-    db = validate(scenario, run_id)
+    db = validate(scenario, run_id, database)
     run_dir = Path(config.out) if config.out else Path(results_root) / run_id
     check_run_dir(run_dir, option="--out" if config.out else "--results-dir", given=config.out or str(results_root),
                   force=force)
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
-    if config.provider == "external":
+    if config.provider == "external" and database is None:
         db.start()  # attaches only: an unreachable --db-url is a usage error, before anything starts
     results = RunDirectory(run_dir, run_id, replace=force)
     results.update(run_id=run_id, status="starting", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -213,7 +224,7 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
         sampler.start()
         if display:
             display.phase(f"starting database ({config.provider})")
-        if config.provider != "external":
+        if config.provider != "external" and database is None:
             db.start()
         results.update(database=db.describe())
         env_vars = {c.function_name: function_env(c, db, c.function_name) for c in scenario.configs}
@@ -293,7 +304,7 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
                     # is the drain); a given schedule, or an interrupted run, ends where it ended.
                     elapsed = supervisor.now() - results.run_info["load_start_s"]
                     load_window = min(elapsed, scenario.duration_s) if arrivals is None else elapsed
-                _clean_up(supervisor, zygote, sampler, db, signals)
+                _clean_up(supervisor, zygote, sampler, db if database is None else None, signals)
                 break
             except RunInterrupted:
                 continue
@@ -318,7 +329,7 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
 
 
 def _clean_up(supervisor: Supervisor | None, zygote: ZygoteClient, sampler: SamplerProcess,
-              db: databases.Database, signals: _Signals) -> None:
+              db: databases.Database | None, signals: _Signals) -> None:
     """Stop everything the run started, in order; each step is idempotent."""
     try:
         sampler.stop(fast=signals.fast)
@@ -326,4 +337,5 @@ def _clean_up(supervisor: Supervisor | None, zygote: ZygoteClient, sampler: Samp
             supervisor.shutdown(fast=signals.fast)
         zygote.close()
     finally:
-        db.stop()
+        if db is not None:  # None: the caller's database, left running
+            db.stop()

@@ -145,9 +145,13 @@ def target_rate(config: RunConfig) -> float:
     return round(expected / total, 3)
 
 
-def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
+def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None,
+                  edits: Mapping[str, Any] | None = None) -> Scenario:
     """Read and validate a scenario file; `overrides` are command-line values by RunConfig field (strings
-    or typed values; None or absent: not given). Raises UsageError naming the file, the key and the fix."""
+    or typed values; None or absent: not given). `edits` change keys of the file itself before it is read,
+    by path (`functions.api.pool_max`, `database.max_connections`, `defaults.work`): a value is a TOML
+    value (`5`, `"300ms"`, `true`), or text (`300ms`) when it is not one. Raises UsageError naming the
+    file, the key and the fix."""
     path = Path(path)
     where = str(path)
     try:
@@ -159,7 +163,40 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) 
         raise UsageError(f"--scenario: {where!r} cannot be read ({exc}); give a readable UTF-8 TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"--scenario: {where}: not valid TOML ({exc}); fix the file") from None
+    for key, value in (edits or {}).items():
+        _edit(data, key, value)
     return _Reader(path, overrides or {}).scenario(data)
+
+
+#: Sections whose keys `edits` may set directly (`section.key`); functions and services go by name.
+_EDIT_SECTIONS = ("run", "account", "database", "proxy", "defaults")
+
+
+def _edit(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set one key of a scenario's data by its path (see `load_scenario`); unknown keys are then refused by
+    the reader like any key of the file."""
+    parts = key.split(".")
+    if isinstance(value, str):
+        try:
+            value = tomllib.loads(f"value = {value}")["value"]
+        except tomllib.TOMLDecodeError:
+            pass  # not a TOML value: the text itself, as in `work=300ms`
+    if len(parts) == 3 and parts[0] in ("functions", "services"):
+        entries = data.get(parts[0]) if isinstance(data.get(parts[0]), list) else []
+        named = [e for e in entries if isinstance(e, dict) and e.get("name") == parts[1]]
+        if not named:
+            names = ", ".join(str(e.get("name")) for e in entries if isinstance(e, dict)) or "none"
+            raise UsageError(f"--set {key}: the scenario has no {parts[0][:-1]} named {parts[1]!r} ({parts[0]}: "
+                             f"{names}); name one of them")
+        named[0][parts[2]] = value
+    elif len(parts) == 2 and parts[0] in _EDIT_SECTIONS:
+        section = data.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise UsageError(f"--set {key}: [{parts[0]}] is not a table in the scenario; fix the file")
+        section[parts[1]] = value
+    else:
+        raise UsageError(f"--set {key}: not a scenario key path; use SECTION.KEY ({', '.join(_EDIT_SECTIONS)}) or "
+                         "functions.NAME.KEY / services.NAME.KEY, e.g. functions.api.pool_max=1,5")
 
 
 class _Reader:

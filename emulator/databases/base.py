@@ -239,6 +239,13 @@ class Database:
         """Cumulative sessions opened and connections refused, read through `conn` (from admin_connect)."""
         raise NotImplementedError
 
+    def clear_sessions(self, timeout_s: float = 10.0) -> None:
+        """End every session the applications' users still have, and return once the server lists none:
+        the state a fresh server starts a run with, as far as connections go. For a server that several
+        runs share (a sweep, a test session); a server lambdaemu did not start is not cleared."""
+        raise UsageError(f"--provider {self.provider}: lambdaemu does not end sessions on a server it did not "
+                         "start; give each run a server of its own")
+
 
 # --- helpers shared by the providers that start servers ---------------------------------------------
 

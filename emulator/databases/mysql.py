@@ -227,6 +227,19 @@ class MySQLEngine(Engine):
     def counters(self, conn: Any, refused_in_log: int | None) -> ServerCounters:
         return mysql_counters(conn)
 
+    def terminate_sessions(self, conn: Any, users: Iterable[str]) -> None:
+        import pymysql
+
+        users = list(users)
+        with conn.cursor() as cur:
+            cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE USER IN ("
+                        + ", ".join(["%s"] * len(users)) + ") AND ID <> CONNECTION_ID()", users)
+            for (session,) in cur.fetchall():
+                try:
+                    cur.execute(f"KILL CONNECTION {int(session)}")
+                except pymysql.err.OperationalError:  # ended on its own meanwhile (1094: unknown thread id)
+                    pass
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "flavour": self.flavour}
 

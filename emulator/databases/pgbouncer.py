@@ -317,6 +317,14 @@ class PgBouncer(Database):
         """The backend's counters; `conn` comes from `backend.admin_connect()`."""
         return self.backend.counters(conn)
 
+    def clear_sessions(self, timeout_s: float = 10.0) -> None:
+        """Drop every client and server connection PgBouncer holds for the application database (console
+        KILL, then RESUME so it takes clients again), then end what is left on the backend."""
+        with self.admin_connect() as conn:
+            conn.execute(f"KILL {self.dbname}")
+            conn.execute(f"RESUME {self.dbname}")
+        self.backend.clear_sessions(timeout_s)
+
     def proxy_counters(self) -> ServerCounters:
         """PgBouncer's own refusals (clients turned away at max_client_conn, counted from its log; None
         when the launcher cannot read it). PgBouncer has no counter of client logins."""

@@ -158,6 +158,10 @@ class PostgresEngine(Engine):
     def counters(self, conn: Any, refused_in_log: int | None) -> ServerCounters:
         return pg_counters(conn, refused_in_log)
 
+    def terminate_sessions(self, conn: Any, users: Iterable[str]) -> None:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                     "AND pid <> pg_backend_pid() AND usename = ANY(%s)", (list(users),))
+
 
 class PostgresServer(Server):
     """A PostgreSQL server lambdaemu starts and stops, with the `embedded`, `native` or `docker` launcher."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from typing import Any, Iterable
 
 from ..errors import DatabaseStartError, UsageError
@@ -120,6 +121,10 @@ class Engine:
     def counters(self, conn: Any, refused_in_log: int | None) -> ServerCounters:
         """Cumulative counters; `refused_in_log` is the count of refusal lines in the server log, when
         the launcher can read it."""
+        raise NotImplementedError
+
+    def terminate_sessions(self, conn: Any, users: Iterable[str]) -> None:
+        """Ask the server to end every session of `users` (through `conn`, the admin's connection)."""
         raise NotImplementedError
 
 
@@ -248,6 +253,24 @@ class Server(Database):
 
     def connections(self, conn: Any) -> list[ConnectionRow]:
         return self.engine_impl.connections(conn)
+
+    def clear_sessions(self, timeout_s: float = 10.0) -> None:
+        """End the applications' sessions (see `Database.clear_sessions`). The server's cumulative
+        counters (sessions opened, refusals) keep counting: a run reads them as differences from its own
+        first sample, so nothing needs resetting."""
+        users = {account.user for account in self.accounts.values()}
+        deadline = time.monotonic() + timeout_s
+        with self.admin_connect() as conn:
+            while True:
+                # An attempt still connecting has no user yet: wait for it to settle too.
+                left = [row for row in self.engine_impl.connections(conn) if row.user in users or not row.established]
+                if not left:
+                    return
+                if time.monotonic() >= deadline:
+                    raise DatabaseStartError(f"{self.engine_impl.label}: {len(left)} sessions of the applications "
+                                             f"were still open {timeout_s:g}s after being ended")
+                self.engine_impl.terminate_sessions(conn, sorted(users))
+                time.sleep(0.05)
 
     def counters(self, conn: Any) -> ServerCounters:
         """Sessions opened and refusals; refusals from the server log where the engine logs them."""
