@@ -165,7 +165,8 @@ def sweep_command(scenario_path: str | None, edits: tuple[str, ...], repeat: str
     leading = ["point", "runs"] if repeated else ["point"]
     if rows:
         console.print(table(rows, leading, f"lambdaemu sweep {result.sweep_dir} — {result.status}"
-                                           + (" (median and min–max over repeats)" if repeated else "")))
+                                           + (" (median and min–max over repeats)" if repeated else ""),
+                            width=console.width))
         click.echo(f"{result.sweep_dir / 'sweep.csv'}, {result.sweep_dir / 'sweep.png'}")
     for entry in result.runs:
         if entry.get("error"):
@@ -197,7 +198,8 @@ def compare_command(run_dirs: tuple[str, ...], csv_path: str | None, chart_path:
                 raise UsageError(f"{option}: cannot write {path}; give a file in an existing directory")
     except UsageError as exc:
         _fail(str(exc), 2)
-    _wide_console().print(table(rows, ["run"], "lambdaemu compare"))
+    console = _wide_console()
+    console.print(table(rows, ["run"], "lambdaemu compare", width=console.width))
     if csv_path:
         write_csv(rows, Path(csv_path), leading=["run"])
         click.echo(csv_path)

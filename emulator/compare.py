@@ -172,25 +172,39 @@ def show(value: Any) -> str:
     return "—" if value is None or value == "" else _number(value)
 
 
-def table(rows: Sequence[Mapping[str, Any]], leading: Sequence[str], title: str) -> Any:
-    """A rich Table of `rows` (single runs, or `spread` groups), `leading` columns first."""
+def table(rows: Sequence[Mapping[str, Any]], leading: Sequence[str], title: str, width: int | None = None) -> Any:
+    """A rich Table of `rows` (single runs, or `spread` groups), `leading` columns first: a row per run,
+    or, when that would not fit in `width` characters, a column per run (a terminal is narrower than a
+    table of twenty figures, and a few runs side by side read as well)."""
     from rich.table import Table
 
-    out = Table(title=title, title_justify="left")
     names = columns(rows, leading)
-    for name in names:
+    cells = [[_cell(row, name) for name in names] for row in rows]
+    headers = [HEADERS.get(name, name) for name in names]
+    needed = sum(max(len(h), *(len(c[i]) for c in cells)) + 3 for i, h in enumerate(headers)) if cells else 0
+    out = Table(title=title, title_justify="left")
+    if width is not None and needed > width and len(rows) <= 12:
+        out.add_column(headers[0], style="bold")
+        for row in cells:
+            out.add_column(row[0], justify="right", overflow="fold")
+        for i, header in enumerate(headers[1:], start=1):
+            out.add_row(header, *[row[i] for row in cells])
+        return out
+    for name, header in zip(names, headers):
         numeric = name.split(".")[0] in NUMERIC or name == "runs"
-        out.add_column(HEADERS.get(name, name), justify="right" if numeric else "left", overflow="fold")
-    for row in rows:
-        cells = []
-        for name in names:
-            text = show(row.get(name))
-            if name == "peak_percent" and isinstance(row.get(name), (int, float, tuple)):
-                worst = max(row[name]) if isinstance(row[name], tuple) else row[name]
-                text = f"[bold red]{text}[/]" if worst >= 90 else text
-            cells.append(text)
-        out.add_row(*cells)
+        out.add_column(header, justify="right" if numeric else "left", overflow="fold")
+    for row in cells:
+        out.add_row(*row)
     return out
+
+
+def _cell(row: Mapping[str, Any], name: str) -> str:
+    text = show(row.get(name))
+    value = row.get(name)
+    if name == "peak_percent" and isinstance(value, (int, float, tuple)):
+        worst = max(value) if isinstance(value, tuple) else value
+        return f"[bold red]{text}[/]" if worst >= 90 else text
+    return text
 
 
 def _number(value: Any) -> str:
