@@ -233,6 +233,9 @@ class Spec:
         if any("****" in str(p) for p in fixed.get("env_vars") or ()):
             raise UsageError("--resume: this sweep's --env values with secrets are not stored; run the sweep again "
                              "with them instead of resuming")
+        # JSON has no tuples: a scale rate given as (environments, seconds) comes back as a list.
+        fixed = {k: tuple(v) if isinstance(v, list) and SETTINGS_BY_NAME[k].kind == "scale_rate" else v
+                 for k, v in fixed.items()}
         return cls(fixed=fixed, axes=[Axis(a["key"], tuple(a["values"])) for a in data.get("axes") or ()],
                    repeat=int(data.get("repeat") or 1), seed=int(data.get("seed") or 0),
                    scenario=data.get("scenario"), edits=dict(data.get("edits") or {}))
@@ -430,8 +433,13 @@ def _run(spec: Spec, sweep_id: str, sweep_dir: Path, *, resume: bool, display: A
     interrupted: int | None = None
     previous_handlers: dict[int, Any] = {}
 
+    received: list[int] = []
+
     def on_signal(signum: int, frame: Any) -> None:
-        raise SweepInterrupted(signum)
+        # The first signal unwinds the sweep; any later one only waits for the clean-up it started.
+        received.append(signum)
+        if len(received) == 1:
+            raise SweepInterrupted(signum)
 
     if handle_signals and threading.current_thread() is threading.main_thread():
         from .runner import STOP_SIGNALS

@@ -220,8 +220,10 @@ def test_an_interrupted_sweep_keeps_its_points_and_resumes(tmp_path, how):
         assert state["status"] == "interrupted" and state["missing"] == ["pool_max=2", "pool_max=3"]
         assert "missing 2 of 3 runs: pool_max=2; pool_max=3" in stderr and f"--resume {out}" in stderr
     else:
-        # Killed outright: sweep.json still says the point was running; its servers died with it.
+        # Killed outright: sweep.json still says the point was running; its run's janitor marks the run
+        # killed, and its servers died with lambdaemu.
         assert statuses == {"pool_max=1": "complete", "pool_max=2": "running", "pool_max=3": "pending"}
+        wait_for_status(out / "pool_max=2" / "run.json", "killed", timeout=30)
     deadline = time.monotonic() + 30
     while sweep_servers(out) and time.monotonic() < deadline:
         time.sleep(0.2)
