@@ -18,6 +18,7 @@ import click
 
 from .config import SETTINGS, RunConfig
 from .errors import LambdaemuError, UsageError
+from .thresholds import failure_line
 
 
 def _settings_options(func: Any) -> Any:
@@ -104,6 +105,8 @@ def run_command(as_json: bool, results_dir: str, force: bool, scenario_path: str
         click.echo(f"lambdaemu: {note}", err=True)
     for warning in result.summary.get("warnings", []):
         click.echo(f"lambdaemu: warning: {warning}", err=True)
+    for outcome in result.failed_thresholds:
+        click.echo(f"lambdaemu: {failure_line(outcome)}", err=True)
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
     sys.exit(result.exit_code)

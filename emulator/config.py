@@ -66,6 +66,20 @@ def _parse_scale_rate(raw: Any) -> tuple[int, float]:
     return n, w
 
 
+def _parse_thresholds(values: Any) -> tuple[str, ...]:
+    from .thresholds import parse_threshold
+
+    if isinstance(values, str):
+        values = [values]
+    parsed = []
+    for item in values or ():
+        try:
+            parsed.append(parse_threshold(str(item)).expression)
+        except ValueError as exc:
+            raise ValueError(item, str(exc)) from None
+    return tuple(parsed)
+
+
 def _parse_env_pairs(values: Any) -> tuple[tuple[str, str], ...]:
     # A bad item is raised alone, so the message shows it rather than the whole list.
     if isinstance(values, Mapping):
@@ -130,6 +144,8 @@ class Setting:
             value = _PARSERS[self.kind](self, raw)
         except (ValueError, TypeError) as exc:
             bad = exc.args[0] if self.multiple and exc.args else raw
+            if self.kind == "thresholds" and len(exc.args) == 2:
+                raise UsageError(f"{self.flag}: {exc.args[1]}") from None  # the reason says what to write
             raise UsageError(f"{self.flag}: {_show(bad)} is not valid; {self.expect_text()}") from None
         self.check(value, shown=_show(raw))
         return value
@@ -191,7 +207,7 @@ class Setting:
             return format_duration(self.default)
         if self.kind == "scale_rate":
             return f"{self.default[0]}/{format_duration(self.default[1])}"
-        if self.kind == "pairs":
+        if self.kind in ("pairs", "thresholds"):
             return "none"
         return str(self.default)
 
@@ -230,6 +246,7 @@ _PARSERS: dict[str, Callable[[Setting, Any], Any]] = {
     "choice": lambda s, raw: str(raw).strip().lower(),
     "text": lambda s, raw: str(raw),
     "pairs": lambda s, raw: _parse_env_pairs(raw),
+    "thresholds": lambda s, raw: _parse_thresholds(raw),
     "scale_rate": lambda s, raw: _parse_scale_rate(raw),
 }
 
@@ -448,6 +465,10 @@ SETTINGS: tuple[Setting, ...] = (
                 "below 50 ms the sampler's own queries load the database; above 10 minutes it misses every peak")),
     Setting("out", "--out", "text", None, "Run directory (default: results/<run-id>/).", "output",
             optional=True, expect="use a directory path"),
+    Setting("thresholds", "--threshold", "thresholds", (),
+            "Pass/fail criterion over a summary.json field, FIELD OP NUMBER (repeatable), e.g. 'peak_percent<80' "
+            "or 'errors.too_many_connections==0'; a run whose thresholds fail exits 99.", "output",
+            multiple=True, expect="use FIELD OP NUMBER, e.g. 'peak_connections<250' or 'latency_ms.p99<1000'"),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -505,6 +526,7 @@ class RunConfig:
     env_nice: int = SETTINGS_BY_NAME["env_nice"].default
     sample_interval_s: float = SETTINGS_BY_NAME["sample_interval_s"].default
     out: str | None = None
+    thresholds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for setting in SETTINGS:
@@ -512,7 +534,7 @@ class RunConfig:
             # Accept strings from the Python API too ("5s"), normalising through the same parser.
             if isinstance(value, str) and setting.kind not in ("text", "choice"):
                 value = setting.parse(value)
-            elif setting.kind in ("pairs", "scale_rate", "choice") and value is not None:
+            elif setting.kind in ("pairs", "scale_rate", "choice", "thresholds") and value is not None:
                 value = setting.parse(value)
             elif setting.kind == "int" and isinstance(value, float):
                 value = setting.parse(value)

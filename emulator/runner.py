@@ -38,6 +38,7 @@ from .results import (RunDirectory, check_run_dir, environment_row, host_info, i
 from .sampler import SamplerConfig, SamplerProcess
 from .scenario import Scenario, target_rate
 from .supervisor import Supervisor
+from .thresholds import THRESHOLD_EXIT, parse_threshold
 from .zygote import ZygoteClient
 
 #: Signals that stop a run (SIGHUP: the terminal went away).
@@ -56,10 +57,16 @@ class RunResult:
     notes: tuple[str, ...] = field(default=())
 
     @property
+    def failed_thresholds(self) -> list[dict[str, Any]]:
+        """The thresholds that failed, with their measured values."""
+        return [t for t in self.summary.get("thresholds", []) if not t["passed"]]
+
+    @property
     def exit_code(self) -> int:
-        """0 complete, 1 failed, 128+signal when interrupted (130 for Ctrl-C, 143 for SIGTERM)."""
+        """0 complete, 99 complete with failed thresholds, 1 failed, 128+signal when interrupted (130 for
+        Ctrl-C, 143 for SIGTERM)."""
         if self.status == "complete":
-            return 0
+            return THRESHOLD_EXIT if self.failed_thresholds else 0
         if self.status == "interrupted" and self.signal:
             return 128 + self.signal
         return 1
@@ -97,6 +104,11 @@ def validate(scenario: Scenario | RunConfig, run_id: str) -> databases.Database:
         scenario = Scenario.from_config(scenario)
     for config in scenario.configs:
         check_handler(config.handler)
+    for text in scenario.run.thresholds:
+        try:
+            parse_threshold(text, scenario.applications)
+        except ValueError as exc:
+            raise UsageError(f"--threshold: {exc}") from None
     return databases.create(scenario.run, run_id, applications=scenario.applications)
 
 
