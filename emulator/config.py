@@ -408,8 +408,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_connections", "--max-connections", "int", None,
             "Server max_connections (default: the engine's own, 100 for PostgreSQL, 151 for MySQL).", "database",
             optional=True, minimum=1, expect="use a whole number (PostgreSQL accepts 4 to 262107, MariaDB 10 to 100000)",
-            maximum=262_107, limit="PostgreSQL's ceiling on this machine (measured: 262107 starts, the setting's "
-                                   "range ends at 262143); each engine checks its own range before it starts"),
+            maximum=262_143, limit="PostgreSQL's max_connections setting ends at 262143, the highest any engine "
+                                   "takes; each engine then checks its own range before it starts (PostgreSQL "
+                                   "starts with 262107 at most here)"),
     Setting("db_instance", "--db-instance", "text", None,
             "RDS instance class whose default max_connections to use, e.g. db.t3.medium (RDS formulas).",
             "database", optional=True, expect="use an RDS class such as db.t3.micro, db.t3.medium, db.r6g.large"),

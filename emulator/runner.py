@@ -174,10 +174,10 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
         raise UsageError("arrivals= gives one schedule: use it with a one-function run, or give each function "
                          "of a scenario its load")
     run_id = run_id or new_run_id()
-    db = validate(scenario, run_id)
     run_dir = Path(config.out) if config.out else Path(results_root) / run_id
     check_run_dir(run_dir, option="--out" if config.out else "--results-dir", given=config.out or str(results_root),
                   force=force)
+    db = validate(scenario, run_id)
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
     if config.provider == "external":
         db.start()  # attaches only: an unreachable --db-url is a usage error, before anything starts
