@@ -19,6 +19,7 @@ import click
 
 from .config import SETTINGS, SETTINGS_BY_NAME, RunConfig
 from .errors import LambdaemuError, UsageError
+from .thresholds import failure_line
 
 
 def _settings_options(func: Any) -> Any:
@@ -105,6 +106,8 @@ def run_command(as_json: bool, results_dir: str, force: bool, scenario_path: str
         click.echo(f"lambdaemu: {note}", err=True)
     for warning in result.summary.get("warnings", []):
         click.echo(f"lambdaemu: warning: {warning}", err=True)
+    for outcome in result.failed_thresholds:
+        click.echo(f"lambdaemu: {failure_line(outcome)}", err=True)
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
     sys.exit(result.exit_code)
@@ -154,8 +157,9 @@ def sweep_command(scenario_path: str | None, edits: tuple[str, ...], repeat: str
             _fail(str(exc), 2)
         except LambdaemuError as exc:
             _fail(str(exc), 1)
-    from .compare import table
+    from .compare import read_summary, table
     from .sweeps import point_rows
+    from .thresholds import THRESHOLD_EXIT
 
     console = _wide_console()
     repeated = any(r["repeat"] > 1 for r in result.runs)
@@ -170,7 +174,11 @@ def sweep_command(scenario_path: str | None, edits: tuple[str, ...], repeat: str
         click.echo(f"{result.sweep_dir / 'sweep.csv'}, {result.sweep_dir / 'sweep.png'}")
     for entry in result.runs:
         if entry.get("error"):
-            click.echo(f"lambdaemu: {entry['point']}: {entry['error']}", err=True)
+            click.echo(f"lambdaemu: {entry['dir']}: {entry['error']}", err=True)
+        if entry.get("exit_code") == THRESHOLD_EXIT:
+            for outcome in read_summary(result.sweep_dir / entry["dir"]).get("thresholds") or ():
+                if not outcome["passed"]:
+                    click.echo(f"lambdaemu: {entry['dir']}: {failure_line(outcome)}", err=True)
     if result.missing:
         click.echo(f"lambdaemu: sweep {result.status}; missing {len(result.missing)} of {len(result.runs)} runs: "
                    f"{'; '.join(result.missing)}; continue with: lambdaemu sweep --resume {result.sweep_dir}", err=True)

@@ -22,7 +22,7 @@ from .errors import UsageError
 FIGURES = (
     "status", "peak_connections", "max_connections", "peak_percent", "errors", "throttles", "cold_starts",
     "connections_opened", "latency_p50_ms", "latency_p99_ms", "peak_environments", "ideal_peak_environments",
-    "dispatch_lag_p99_ms", "warnings",
+    "dispatch_lag_p99_ms", "warnings", "thresholds_failed",
 )
 
 #: Figures whose spread over repeats is shown (numbers; the rest are shown as they are).
@@ -33,7 +33,7 @@ HEADERS = {
     "peak_connections": "peak conn", "max_connections": "max", "peak_percent": "% of max",
     "cold_starts": "cold starts", "connections_opened": "opened", "latency_p50_ms": "p50 ms",
     "latency_p99_ms": "p99 ms", "peak_environments": "peak envs", "ideal_peak_environments": "ideal envs",
-    "dispatch_lag_p99_ms": "lag p99 ms",
+    "dispatch_lag_p99_ms": "lag p99 ms", "thresholds_failed": "thresholds failed",
 }
 
 
@@ -59,6 +59,8 @@ def figures(summary: Mapping[str, Any]) -> dict[str, Any]:
         "dispatch_lag_p99_ms": (fidelity.get("dispatch_lag_ms") or {}).get("p99"),
         "warnings": len(summary.get("warnings") or ()),
     }
+    if summary.get("thresholds"):  # the run had some (--threshold): how many failed
+        row["thresholds_failed"] = sum(1 for t in summary["thresholds"] if not t.get("passed"))
     row.update({f"errors.{kind}": n for kind, n in sorted(errors.items())})
     row.update({f"throttles.{reason}": n for reason, n in sorted(throttles.items())})
     return row
@@ -123,7 +125,9 @@ def columns(rows: Iterable[Mapping[str, Any]], leading: Sequence[str] = ()) -> l
     for row in rows:
         seen += [k for k in row if k not in seen and k.split(".")[0] not in FIGURES]
     for figure in FIGURES:
-        if figure not in seen:  # an axis of the same name (max_connections) is the same number
+        # A figure no row has (thresholds_failed of runs without thresholds) gets no column; an axis of
+        # the same name (max_connections) is the same number.
+        if figure not in seen and any(figure in row for row in rows):
             seen.append(figure)
         for row in rows:
             seen += [k for k in row if k.startswith(f"{figure}.") and k not in seen]

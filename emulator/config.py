@@ -66,6 +66,20 @@ def _parse_scale_rate(raw: Any) -> tuple[int, float]:
     return n, w
 
 
+def _parse_thresholds(values: Any) -> tuple[str, ...]:
+    from .thresholds import parse_threshold
+
+    if isinstance(values, str):
+        values = [values]
+    parsed = []
+    for item in values or ():
+        try:
+            parsed.append(parse_threshold(str(item)).expression)
+        except ValueError as exc:
+            raise ValueError(item, str(exc)) from None
+    return tuple(parsed)
+
+
 def _parse_env_pairs(values: Any) -> tuple[tuple[str, str], ...]:
     # A bad item is raised alone, so the message shows it rather than the whole list.
     if isinstance(values, Mapping):
@@ -130,6 +144,8 @@ class Setting:
             value = _PARSERS[self.kind](self, raw)
         except (ValueError, TypeError) as exc:
             bad = exc.args[0] if self.multiple and exc.args else raw
+            if self.kind == "thresholds" and len(exc.args) == 2:
+                raise UsageError(f"{self.flag}: {exc.args[1]}") from None  # the reason says what to write
             raise UsageError(f"{self.flag}: {_show(bad)} is not valid; {self.expect_text()}") from None
         self.check(value, shown=_show(raw))
         return value
@@ -191,7 +207,7 @@ class Setting:
             return format_duration(self.default)
         if self.kind == "scale_rate":
             return f"{self.default[0]}/{format_duration(self.default[1])}"
-        if self.kind == "pairs":
+        if self.kind in ("pairs", "thresholds"):
             return "none"
         return str(self.default)
 
@@ -230,6 +246,7 @@ _PARSERS: dict[str, Callable[[Setting, Any], Any]] = {
     "choice": lambda s, raw: str(raw).strip().lower(),
     "text": lambda s, raw: str(raw),
     "pairs": lambda s, raw: _parse_env_pairs(raw),
+    "thresholds": lambda s, raw: _parse_thresholds(raw),
     "scale_rate": lambda s, raw: _parse_scale_rate(raw),
 }
 
@@ -391,8 +408,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_connections", "--max-connections", "int", None,
             "Server max_connections (default: the engine's own, 100 for PostgreSQL, 151 for MySQL).", "database",
             optional=True, minimum=1, expect="use a whole number (PostgreSQL accepts 4 to 262107, MariaDB 10 to 100000)",
-            maximum=262_107, limit="PostgreSQL's ceiling on this machine (measured: 262107 starts, the setting's "
-                                   "range ends at 262143); each engine checks its own range before it starts"),
+            maximum=262_143, limit="PostgreSQL's max_connections setting ends at 262143, the highest any engine "
+                                   "takes; each engine then checks its own range before it starts (PostgreSQL "
+                                   "starts with 262107 at most here)"),
     Setting("db_instance", "--db-instance", "text", None,
             "RDS instance class whose default max_connections to use, e.g. db.t3.medium (RDS formulas).",
             "database", optional=True, expect="use an RDS class such as db.t3.micro, db.t3.medium, db.r6g.large"),
@@ -448,6 +466,10 @@ SETTINGS: tuple[Setting, ...] = (
                 "below 50 ms the sampler's own queries load the database; above 10 minutes it misses every peak")),
     Setting("out", "--out", "text", None, "Run directory (default: results/<run-id>/).", "output",
             optional=True, expect="use a directory path"),
+    Setting("thresholds", "--threshold", "thresholds", (),
+            "Pass/fail criterion over a summary.json field, FIELD OP NUMBER (repeatable), e.g. 'peak_percent<80' "
+            "or 'errors.too_many_connections==0'; a run whose thresholds fail exits 99.", "output",
+            multiple=True, expect="use FIELD OP NUMBER, e.g. 'peak_connections<250' or 'latency_ms.p99<1000'"),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -525,6 +547,7 @@ class RunConfig:
     env_nice: int = SETTINGS_BY_NAME["env_nice"].default
     sample_interval_s: float = SETTINGS_BY_NAME["sample_interval_s"].default
     out: str | None = None
+    thresholds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for setting in SETTINGS:
@@ -532,7 +555,7 @@ class RunConfig:
             # Accept strings from the Python API too ("5s"), normalising through the same parser.
             if isinstance(value, str) and setting.kind not in ("text", "choice"):
                 value = setting.parse(value)
-            elif setting.kind in ("pairs", "scale_rate", "choice") and value is not None:
+            elif setting.kind in ("pairs", "scale_rate", "choice", "thresholds") and value is not None:
                 value = setting.parse(value)
             elif setting.kind == "int" and isinstance(value, float):
                 value = setting.parse(value)

@@ -76,9 +76,8 @@ def _run_section(run_dir: Path, level: int) -> str:
     from .results import summarize
 
     info = json.loads((run_dir / "run.json").read_text())
-    summary = summarize(run_dir)
-    recorded = _recorded_summary(run_dir)
-    thresholds = recorded.get("thresholds") or summary.get("thresholds")
+    summary = summarize(run_dir)  # thresholds included: they are evaluated from the recomputed figures
+    thresholds = summary.get("thresholds")
     h = f"h{level}"
     parts = [f"<p><span class=\"status\">{_e(summary.get('status'))}</span> {_e(run_dir)}"
              f"{' — started ' + _e(info['started_at']) if info.get('started_at') else ''}"
@@ -119,14 +118,6 @@ def _run_section(run_dir: Path, level: int) -> str:
     return "\n".join(parts)
 
 
-def _recorded_summary(run_dir: Path) -> dict[str, Any]:
-    # What the run itself recorded beyond what the files give (its thresholds' outcomes).
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _summary_table(summary: Mapping[str, Any]) -> str:
     from .compare import figures
 
@@ -161,17 +152,10 @@ def _summary_table(summary: Mapping[str, Any]) -> str:
     return _table(("figure", "value"), rows)
 
 
-def _thresholds_table(thresholds: Any) -> str:
-    rows = []
-    for item in thresholds if isinstance(thresholds, list) else [thresholds]:
-        if isinstance(item, Mapping):
-            passed = item.get("ok", item.get("passed"))
-            rows.append((item.get("expression") or item.get("threshold") or json.dumps(item),
-                         item.get("value", item.get("measured")),
-                         ("pass", "ok") if passed else ("FAIL", "bad") if passed is not None else ""))
-        else:
-            rows.append((json.dumps(item), "", ""))
-    return _table(("threshold", "measured", "outcome"), rows)
+def _thresholds_table(thresholds: Sequence[Mapping[str, Any]]) -> str:
+    return _table(("threshold", "measured", "outcome"),
+                  [(t.get("threshold"), t.get("value"), ("pass", "ok") if t.get("passed") else ("FAIL", "bad"))
+                   for t in thresholds])
 
 
 def _fidelity_table(fidelity: Mapping[str, Any]) -> str:

@@ -756,4 +756,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     summary["functions"] = functions
     summary["applications"] = applications
     summary["warnings"] = _warnings(fidelity, run.get("host", {}).get("cpus"))
+    from .thresholds import evaluate, parse_threshold
+
+    summary["thresholds"] = evaluate([parse_threshold(t) for t in config.get("thresholds") or ()], summary)
     return summary

@@ -38,6 +38,7 @@ from .results import (RunDirectory, check_run_dir, environment_row, host_info, i
 from .sampler import SamplerConfig, SamplerProcess
 from .scenario import Scenario, target_rate
 from .supervisor import Supervisor
+from .thresholds import THRESHOLD_EXIT, parse_threshold
 from .zygote import ZygoteClient
 
 #: Signals that stop a run (SIGHUP: the terminal went away).
@@ -56,10 +57,16 @@ class RunResult:
     notes: tuple[str, ...] = field(default=())
 
     @property
+    def failed_thresholds(self) -> list[dict[str, Any]]:
+        """The thresholds that failed, with their measured values."""
+        return [t for t in self.summary.get("thresholds", []) if not t["passed"]]
+
+    @property
     def exit_code(self) -> int:
-        """0 complete, 1 failed, 128+signal when interrupted (130 for Ctrl-C, 143 for SIGTERM)."""
+        """0 complete, 99 complete with failed thresholds, 1 failed, 128+signal when interrupted (130 for
+        Ctrl-C, 143 for SIGTERM)."""
         if self.status == "complete":
-            return 0
+            return THRESHOLD_EXIT if self.failed_thresholds else 0
         if self.status == "interrupted" and self.signal:
             return 128 + self.signal
         return 1
@@ -99,6 +106,11 @@ def validate(scenario: Scenario | RunConfig, run_id: str,
         scenario = Scenario.from_config(scenario)
     for config in scenario.configs:
         check_handler(config.handler)
+    for text in scenario.run.thresholds:
+        try:
+            parse_threshold(text, scenario.applications)
+        except ValueError as exc:
+            raise UsageError(f"--threshold: {exc}") from None
     if database is not None:
         missing = sorted(set(scenario.applications) - set(database.applications))
         if missing:
@@ -173,10 +185,10 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
         raise UsageError("arrivals= gives one schedule: use it with a one-function run, or give each function "
                          "of a scenario its load")
     run_id = run_id or new_run_id()
-    db = validate(scenario, run_id, database)
     run_dir = Path(config.out) if config.out else Path(results_root) / run_id
     check_run_dir(run_dir, option="--out" if config.out else "--results-dir", given=config.out or str(results_root),
                   force=force)
+    db = validate(scenario, run_id, database)
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
     if config.provider == "external" and database is None:
         db.start()  # attaches only: an unreachable --db-url is a usage error, before anything starts

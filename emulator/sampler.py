@@ -249,10 +249,14 @@ class _Sampler:
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"proxy: {_first_line(exc)}")
                 self._proxy_conn = _close_quietly(self._proxy_conn)
-        held = Counter(owner[2] if owner else "unknown" for owner in owners)
-        holders = {owner[0] for owner in owners if owner}
+        # What environments hold are established connections; an attempt being refused holds nothing. (Behind
+        # a proxy the owners are of client connections, all established.)
+        sessions = owners if self.proxy is not None else [
+            owner for row, owner in zip(rows, owners) if row.state != "connecting"]
+        held = Counter(owner[2] if owner else "unknown" for owner in sessions)
+        holders = {owner[0] for owner in sessions if owner}
         unconnected = sum(1 for pid, _, state in envs.values() if state in ("busy", "frozen") and pid not in holders)
-        held_by_function = Counter(owner[1] for owner in owners if owner)
+        held_by_function = Counter(owner[1] for owner in sessions if owner)
         row.update(held_busy=held["busy"], held_frozen=held["frozen"], held_initialising=held["initialising"],
                    held_vanished=held["vanished"], held_serving=held["serving"], held_unknown=held["unknown"])
         self._release_vanished(envs, owners)

@@ -108,10 +108,15 @@ class SweepResult:
 
     @property
     def exit_code(self) -> int:
-        """0 complete, 1 when a point failed, 128+signal when interrupted."""
+        """0 complete, 99 complete with a run whose thresholds failed, 1 when a point failed, 128+signal
+        when interrupted."""
+        from .thresholds import THRESHOLD_EXIT
+
         if self.status == "interrupted" and self.signal:
             return 128 + self.signal
-        return 0 if self.status == "complete" else 1
+        if self.status != "complete":
+            return 1
+        return THRESHOLD_EXIT if any(r.get("exit_code") == THRESHOLD_EXIT for r in self.runs) else 0
 
 
 class SweepInterrupted(LambdaemuError):

@@ -41,9 +41,13 @@ def test_sweep_over_a_scenario_key_with_repeats(tmp_path):
     scenario = ROOT / "scenarios/pool-max-5.toml"
     assert isinstance(load_scenario(scenario), Scenario)
     swept = sweep(scenario, {"functions.api.pool_max": [1, 2]}, repeat=2, seed=11,
-                  settings={"duration": "1500ms", "baseline": "off", "sample_interval": "200ms"},
+                  settings={"duration": "1500ms", "baseline": "off", "sample_interval": "200ms",
+                            "threshold": ["peak_connections<1", "errors.total==0"]},
                   edits={"functions.api.load": "poisson:8"}, out=tmp_path / "sweep")
-    assert swept.status == "complete" and swept.exit_code == 0 and swept.missing == ()
+    # Every run completed, and every run failed its connection threshold: 99, as `lambdaemu run` exits.
+    assert swept.status == "complete" and swept.exit_code == 99 and swept.missing == ()
+    assert {r["exit_code"] for r in swept.runs} == {99}
+    assert [r["thresholds_failed"] for r in swept.rows] == [1, 1, 1, 1]
     assert [(r["point"], r["repeat"], r["seed"]) for r in swept.runs] == [
         ("functions.api.pool_max=1", 1, 11), ("functions.api.pool_max=1", 2, 12),
         ("functions.api.pool_max=2", 1, 11), ("functions.api.pool_max=2", 2, 12)]

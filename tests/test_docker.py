@@ -15,6 +15,7 @@ import time
 import docker
 import psycopg
 import pymysql
+import psutil
 import pytest
 
 from conftest import cli_env, new_run_id
@@ -170,11 +171,33 @@ def test_sigterm_removes_the_containers(client, tmp_path):
     assert run_containers(client, run["run_id"]) == []
 
 
-def test_kill_9_then_cleanup_leaves_no_container(client, tmp_path):
+def test_kill_9_leaves_no_container(client, tmp_path):
+    proc, run = start_run_under_load(tmp_path)
+    try:
+        assert len(run_containers(client, run["run_id"])) == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # No `lambdaemu cleanup`: the run's janitor sees it die and removes what it started.
+    deadline = time.monotonic() + 60
+    while run_containers(client, run["run_id"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run_containers(client, run["run_id"]) == []
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "killed"
+
+
+def test_kill_9_of_the_run_and_its_janitor_then_cleanup_leaves_no_container(client, tmp_path):
     proc, run = start_run_under_load(tmp_path, "--proxy", "pgbouncer")
     try:
         containers = run_containers(client, run["run_id"])
         assert len(containers) == 2
+        # A machine that went down with the run: its janitor is gone too, so only cleanup is left.
+        for janitor in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(janitor.info["cmdline"] or [])
+            if "janitor_main" in cmdline and run["run_id"] in cmdline:
+                janitor.kill()
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:

@@ -191,7 +191,8 @@ HUGE = "1" + "0" * 400
     (["--memory", str(10**12)], "--memory", "16 to 10240"),
     (["--timeout", "100h"], "--timeout", "up to 15m"),
     (["--env-idle-ttl", "100000h"], "--env-idle-ttl", "up to 168h"),
-    (["--max-connections", str(10**7)], "--max-connections", "3 to 262143"),
+    (["--max-connections", str(10**7)], "--max-connections", "1 to 262143"),
+    (["--max-connections", "1000000"], "--max-connections", "1 to 262143"),
     (["--seed", str(10**40)], "--seed", "out of range"),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
 def test_absurd_values_are_refused_with_the_range(tmp_path, args, flag, says):

@@ -44,7 +44,7 @@ def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subp
     cwd = tmp_path_factory.mktemp("sweep")
     out = cwd / "sweep"
     result = lambdaemu("sweep", "--pool-max", "1,2", "--max-connections", "20,30", *QUICK, "--seed", "7",
-                       "--out", str(out), cwd=cwd, timeout=240)
+                       "--threshold", "errors.too_many_connections==0", "--out", str(out), cwd=cwd, timeout=240)
     return out, result
 
 
@@ -64,6 +64,7 @@ def test_sweep_runs_every_point_and_compares_them(finished_sweep):
         for column in ("peak_percent", "errors", "throttles", "cold_starts", "latency_p50_ms", "latency_p99_ms",
                        "dispatch_lag_p99_ms", "peak_environments", "ideal_peak_environments", "warnings"):
             assert row[column] != "", column
+        assert row["thresholds_failed"] == "0"
         summary = json.loads((out / row["run_dir"] / "summary.json").read_text())
         assert float(row["peak_percent"]) == round(100 * summary["peak_connections"] / summary["max_connections"], 1)
     # The same table in the terminal, and the chart with a panel per point.
