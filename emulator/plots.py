@@ -363,3 +363,16 @@ def latency_chart(run_dir: Path, out: Path) -> Path:
             _legend(ax_fail, ncol=1)
     _label(ax_time, "seconds since run start (by actual start)", "latency ms", ncol=2)
     return _save(fig, out, dpi=90)
+
+
+def applications_chart(run_dir: Path, out: Path) -> Path:
+    """Connections over time stacked by application (database user) against max_connections, from
+    connections.csv: the post-mortem picture of who holds the connections, for one application or many."""
+    plt = _pyplot()
+    run = json.loads((run_dir / "run.json").read_text())
+    by_application = _by_application(run_dir / "connections.csv")
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    if by_application:
+        _application_panel(ax, by_application, (run.get("database") or {}).get("max_connections"))
+    ax.set_xlabel("seconds since run start")
+    return _save(fig, out, dpi=90)

@@ -8,8 +8,9 @@ tried to load anything would show it as an error rather than quietly reach the n
 files are left as they are; only report.html is written.
 
 A run's page: its configuration, the summary figures, warnings and fidelity, thresholds when the run had
-some, connections over time by state (and by application when there are several), environments,
-invocations by outcome and the dispatch lag (`plots.chart`), latency and errors (`plots.latency_chart`),
+some, connections over time by state, environments, invocations by outcome and the dispatch lag
+(`plots.chart`), connections by application (`plots.applications_chart`), latency and errors
+(`plots.latency_chart`),
 per-function and per-application figures, the first message of each error kind, and summary.json itself.
 A sweep's page: the comparison table (with the spread over repeats), sweep.png, and every run's page.
 """
@@ -72,7 +73,7 @@ def write_report(directory: Path, out: Path | None = None) -> Path:
 
 
 def _run_section(run_dir: Path, level: int) -> str:
-    from .plots import chart, latency_chart
+    from .plots import applications_chart, chart, latency_chart
     from .results import summarize
 
     info = json.loads((run_dir / "run.json").read_text())
@@ -88,8 +89,10 @@ def _run_section(run_dir: Path, level: int) -> str:
     if thresholds:
         parts.append(f"<{h}>Thresholds</{h}>" + _thresholds_table(thresholds))
     parts.append(f"<{h}>Connections, environments, invocations</{h}>"
-                 + _image(lambda path: chart(run_dir, path), "connections over time by state and by application, "
-                          "environments, invocations by outcome, dispatch lag"))
+                 + _image(lambda path: chart(run_dir, path), "connections over time by state, environments, "
+                          "invocations by outcome, dispatch lag"))
+    parts.append(f"<{h}>Connections by application</{h}>"
+                 + _image(lambda path: applications_chart(run_dir, path), "connections over time by application"))
     parts.append(f"<{h}>Latency and errors</{h}>"
                  + _image(lambda path: latency_chart(run_dir, path), "latency histogram and latency over time"))
     errors = {k: v for k, v in (summary.get("errors") or {}).items() if k != "total"}
