@@ -253,3 +253,22 @@ def test_the_browser_check_sees_a_page_that_reaches_out(tmp_path):
     assert check["images"] == 1 and check["loaded"] == 0
     assert any("blocked: http://127.0.0.1:9/chart.png" in e for e in check["errors"]), check
     assert any("undefined_function" in e for e in check["errors"]), check
+
+
+def test_points_behind_the_proxy_share_it_and_start_without_its_clients(tmp_path):
+    out = tmp_path / "sweep"
+    result = lambdaemu("sweep", "--proxy", "pgbouncer", "--pool-max", "1,2", *QUICK, "--out", str(out), cwd=tmp_path,
+                       tmpdir=Path("/tmp"), timeout=240)
+    assert result.returncode == 0, result.stderr
+    firsts = {}
+    for directory in (out / "pool_max=1", out / "pool_max=2"):
+        summary = json.loads((directory / "summary.json").read_text())
+        assert summary["errors"]["total"] == 0 and summary["peak_proxy_clients"] > 1
+        firsts[directory.name] = read_rows(directory / "samples.csv")[0]
+    assert database_port(out / "pool_max=1") == database_port(out / "pool_max=2")
+    # The second point starts with none of the first point's clients (PgBouncer dropped them, and its
+    # server connections) and takes clients again (no error above). Like a proxy just started, whose
+    # readiness check used its pool, it may be refilling min_pool_size: a server connection or two.
+    for first in firsts.values():
+        assert first["proxy_clients"] == "0" and int(first["connections"]) <= 2, first
+    assert not sweep_servers(out)
