@@ -76,10 +76,7 @@ class RuntimeEnv:
         log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.spawned_at = time.monotonic()
         try:
-            self.proc = subprocess.Popen(self.command.argv, cwd=self.command.cwd,
-                                         env=self.command.environ(os.environ, address, env or {}),
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = self.command.popen(address, env or {}, log=log)
         finally:
             if log_path:
                 log.close()

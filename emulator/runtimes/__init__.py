@@ -28,7 +28,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..errors import UsageError
 
@@ -77,6 +77,16 @@ class RuntimeCommand:
         env.update(self.variables)
         env["AWS_LAMBDA_RUNTIME_API"] = runtime_api
         return env
+
+    def popen(self, runtime_api: str, extra: Mapping[str, str] = (), *, log: Any = subprocess.DEVNULL,
+              base: Mapping[str, str] | None = None) -> subprocess.Popen:
+        """Start one environment directly, in a new session (its own process group), output to `log`
+        (a file object or DEVNULL): for tests, benchmarks and tools that run an environment outside a run.
+        The supervisor starts its environments from its spawn helper instead."""
+        return subprocess.Popen(self.argv, cwd=self.cwd, env=self.environ(os.environ if base is None else base,
+                                                                          runtime_api, extra),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def runtime_family(handler: str, runtime: str | None = None) -> str:
