@@ -28,6 +28,7 @@ error, so the supervisor discards the environment.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.parse
@@ -52,6 +53,8 @@ MAX_ERROR_TYPE_CHARS = 256
 _RECV_BYTES = 256 * 1024
 
 ERROR_TYPE_HEADER = "Lambda-Runtime-Function-Error-Type"
+#: What deliver() accepts in a header value: visible ASCII and spaces (no CR/LF to split headers with).
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
 
 
 class RuntimeListener(Protocol):
@@ -154,6 +157,10 @@ class RuntimeEndpoint:
         outstanding = self.current_request
         if outstanding is not None:
             raise RuntimeError(f"deliver({request_id!r}) while invocation {outstanding!r} is outstanding")
+        for name, value in (("request_id", request_id), ("trace_id", trace_id), ("client_context", client_context),
+                            ("cognito_identity", cognito_identity)):
+            if not _HEADER_VALUE.fullmatch(value) or (name == "request_id" and not value):
+                raise ValueError(f"deliver: {name}={value!r} cannot be sent as an HTTP header value")
         invocation = _Invocation(request_id, payload, deadline_ms, trace_id, client_context, cognito_identity)
         held, self._held = self._held, None
         if held is not None:
@@ -192,8 +199,12 @@ class RuntimeEndpoint:
             if self._closed or self.failed is not None:
                 sock.close()
                 continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # reset before we got to it
+                sock.close()
+                continue
             client = _Client(sock)
             self._clients[sock.fileno()] = client
             self._loop.add_reader(sock, lambda c=client: self._on_readable(c))
@@ -284,7 +295,7 @@ class RuntimeEndpoint:
             return
         error_type = ""
         if kind in ("error", "init_error"):
-            error_type = _header(request, b"lambda-runtime-function-error-type")[:MAX_ERROR_TYPE_CHARS]
+            error_type = _header(request, ERROR_TYPE_HEADER.lower().encode())[:MAX_ERROR_TYPE_CHARS]
         client.keep_body = kind != "next"
         client.pending = (kind, request_id, error_type)
         if client.conn.they_are_waiting_for_100_continue:

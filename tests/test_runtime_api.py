@@ -529,3 +529,51 @@ def test_node_bootstrap_ships_with_the_package():
     from emulator.runtimes import NODE_BOOTSTRAP
 
     assert NODE_BOOTSTRAP.is_file() and os.access(PROVIDED_BOOTSTRAP, os.X_OK)
+
+
+def test_mangled_requests_never_raise_out_of_the_loop():
+    # Valid requests cut, corrupted and spliced at random points: whatever arrives, the loop callbacks
+    # return normally and the endpoint reports at most one protocol error.
+    import random
+
+    rng = random.Random(20261122)
+    valid = [get_next(), post("invocation/r1/response", b'{"ok": true}'), post("init/error", b"{}"),
+             post("invocation/r1/error", b"{}", "Lambda-Runtime-Function-Error-Type: E\r\n"),
+             b"POST /2018-06-01/runtime/invocation/r1/response HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"5\r\nhello\r\n0\r\n\r\n"]
+    for _ in range(100):
+        data = bytearray(b"".join(rng.choice(valid) for _ in range(rng.randint(1, 3))))
+        for _ in range(rng.randint(0, 4)):
+            action, at = rng.random(), rng.randrange(len(data) + 1)
+            if action < 0.4:
+                data[at:at + 1] = bytes([rng.randrange(256)])
+            elif action < 0.7:
+                data[at:at] = rng.choice([b"\r\n", b"\x00", b":", b" ", b"\r\n\r\n", b"9" * 12])
+            else:
+                del data[at:]
+        runtime = RawRuntime()
+        try:
+            sock = runtime.connect()
+            try:
+                sock.sendall(bytes(data))
+                if rng.random() < 0.5:
+                    sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            runtime.pump(0.05)
+            if runtime.endpoint.next_pending:
+                runtime.endpoint.deliver("r1", b"{}", deadline_ms(1))
+                runtime.pump(0.05)
+            assert runtime.listener.kinds().count("protocol_error") <= 1
+            sock.close()
+            runtime.pump(0.02)
+        finally:
+            runtime.close()
+
+
+def test_deliver_refuses_values_that_are_not_header_values(raw):
+    for bad in ({"request_id": "a\r\nX-Injected: 1"}, {"request_id": ""}, {"trace_id": "t\n"}):
+        args = {"request_id": "ok", **bad}
+        with pytest.raises(ValueError):
+            raw.endpoint.deliver(args.pop("request_id"), b"{}", deadline_ms(1), **args)
+    assert raw.endpoint.current_request is None
