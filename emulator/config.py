@@ -283,6 +283,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("function_name", "--function-name", "text", "app",
             "Name of the function: in every record, in logs, as context.function_name.", "function",
             expect="use 1 to 64 letters, digits, hyphens or underscores, as Lambda function names"),
+    Setting("runtime", "--runtime", "text", None,
+            "Lambda runtime: python (the default for a module or .py file), nodejs (nodejs18.x, nodejs20.x, "
+            "nodejs22.x; the default for a .js, .mjs or .cjs file) or provided (a bootstrap executable speaking "
+            "the Runtime API).", "function", optional=True,
+            expect="use python, nodejs, nodejs20.x or provided (see Other languages in the README)"),
     Setting("handler", "--handler", "text", DEFAULT_HANDLER,
             "Lambda-shaped handler to run: module:function or path/to/file.py:function.", "function",
             expect="use module:function or path/to/file.py:function, e.g. workloads.sqlalchemy_pool:handler"),
@@ -506,6 +511,7 @@ class RunConfig:
     profile: str | None = None
     seed: int | None = None
     function_name: str = SETTINGS_BY_NAME["function_name"].default
+    runtime: str | None = None
     handler: str = DEFAULT_HANDLER
     work_s: float = SETTINGS_BY_NAME["work_s"].default
     pool_max: int = SETTINGS_BY_NAME["pool_max"].default
@@ -702,6 +708,8 @@ class FunctionConfig:
     provisioned: int
     scale_rate: tuple[int, float]
     exec_argv: tuple[str, ...] | None = None
+    #: Where the environments run (a Runtime API runtime's task root); None: the current directory.
+    cwd: str | None = None
     #: A service (the EC2 side) rather than a function: `instances` long-lived processes, each serving up
     #: to `concurrency` requests at once; never frozen, never reclaimed, outside the account's concurrency.
     instances: int = 0

@@ -87,24 +87,27 @@ _RULES: tuple[tuple[str, tuple[str, ...], re.Pattern[str] | None], ...] = (
     # PgBouncer's query_wait_timeout (the RDS Proxy ConnectionBorrowTimeout stand-in).
     ("proxy_wait_timeout", (), re.compile(r"query_wait_timeout|query wait timeout", re.I)),
     # SQLAlchemy QueuePool "QueuePool limit of size N overflow M reached, connection timed out";
-    # psycopg_pool PoolTimeout "couldn't get a connection after N sec".
+    # psycopg_pool PoolTimeout "couldn't get a connection after N sec"; Node: sequelize's
+    # ConnectionAcquireTimeoutError ("Operation timeout"), pg-pool "timeout exceeded when trying to connect".
     (
         "pool_timeout",
-        ("PoolTimeout",),
-        re.compile(r"QueuePool limit of size|couldn't get a connection after", re.I),
+        ("PoolTimeout", "SequelizeConnectionAcquireTimeoutError"),
+        re.compile(r"QueuePool limit of size|couldn't get a connection after|timeout exceeded when trying to connect",
+                   re.I),
     ),
     ("authentication_failed", (), re.compile(r"password authentication failed|Access denied for user", re.I)),
     (
         "connection_refused",
         ("ConnectionRefusedError",),
-        re.compile(r"connection refused|Can't connect to MySQL server|\b2003\b", re.I),
+        re.compile(r"connection refused|Can't connect to MySQL server|\b2003\b|ECONNREFUSED", re.I),
     ),
     (
         "connection_lost",
         (),
         re.compile(
             r"server closed the connection|terminating connection|Lost connection to MySQL|"
-            r"\b2013\b|\b2006\b|server has gone away|connection is closed|consuming input failed",
+            r"\b2013\b|\b2006\b|server has gone away|connection is closed|consuming input failed|"
+            r"Connection terminated unexpectedly|ECONNRESET",
             re.I,
         ),
     ),

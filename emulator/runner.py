@@ -33,6 +33,8 @@ from .fleet import FleetRecorder, FleetState
 from .handlers import check_handler
 from .janitor import Janitor
 from .loop import Loop
+from . import runtimes as runtime_commands
+from .runtimes import RuntimeCommand, runtime_family
 from .results import (RunDirectory, check_run_dir, environment_row, host_info, invocation_row, new_run_id, versions,
                       write_summary_and_chart)
 from .sampler import SamplerConfig, SamplerProcess
@@ -105,7 +107,10 @@ def validate(scenario: Scenario | RunConfig, run_id: str,
     if isinstance(scenario, RunConfig):
         scenario = Scenario.from_config(scenario)
     for config in scenario.configs:
-        check_handler(config.handler)
+        if runtime_family(config.handler, config.runtime) == "python":
+            check_handler(config.handler)
+        else:
+            runtime_command(config)  # checks the file, the runtime and its packages without running them
     for text in scenario.run.thresholds:
         try:
             parse_threshold(text, scenario.applications)
@@ -118,6 +123,23 @@ def validate(scenario: Scenario | RunConfig, run_id: str,
                              f"applications={list(scenario.applications)!r}")
         return database
     return databases.create(scenario.run, run_id, applications=scenario.applications)
+
+
+def runtime_command(config: RunConfig) -> RuntimeCommand:
+    """How a function of a Runtime API runtime (Node.js, provided) starts its environments."""
+    return runtime_commands.command(config.handler, config.runtime, function_name=config.function_name,
+                                    memory_mb=config.memory_mb)
+
+
+def function_config(config: RunConfig, env_vars: dict[str, str]) -> FunctionConfig:
+    """The supervisor's view of one function: a Python handler runs in the zygote's forks; any other
+    runtime is a program of its own, started with its Runtime API variables added to the function's."""
+    function = FunctionConfig.from_run_config(config, env_vars)
+    if runtime_family(config.handler, config.runtime) == "python":
+        return function
+    command = runtime_command(config)
+    return dataclasses.replace(function, env_vars=tuple({**env_vars, **command.variables}.items()),
+                               exec_argv=tuple(command.argv), cwd=command.cwd)
 
 
 def application_seed(seed: int, name: str, index: int) -> int:
@@ -244,7 +266,7 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
         if warm_error:
             results.update(zygote_warm_error=warm_error)
         supervisor = Supervisor(
-            [FunctionConfig.from_run_config(f, env_vars[f.function_name]) for f in scenario.functions]
+            [function_config(f, env_vars[f.function_name]) for f in scenario.functions]
             + [dataclasses.replace(FunctionConfig.from_run_config(s.config, env_vars[s.name]), instances=s.instances,
                                    concurrency=s.concurrency) for s in scenario.services],
             concurrency_limit=config.concurrency_limit, zygote=zygote, loop=loop, events=events,
@@ -287,6 +309,7 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
             results.flush()
             assert supervisor is not None
             supervisor.reap_vanished(fleet.is_released)
+            supervisor.enforce_memory()
             if display:
                 display.update(supervisor, fleet)
 

@@ -19,6 +19,8 @@ subscribe. It imports none of them.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import random
 from collections import deque
 import signal
@@ -30,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 from .config import FunctionConfig
 from .environment import EnvSpec
-from .errors import HandlerLoadError, LambdaemuError
+from .errors import HandlerLoadError, LambdaemuError, classify
 from .events import Events
 from .function import Account, FunctionPolicy, IdlePool
 from .loop import Loop, Timer
@@ -109,6 +111,9 @@ class Environment:
     #: A service instance's requests in flight (by request id); timed-out ones stay until they answer,
     #: as their thread is still busy.
     requests: dict[str, Invocation] | None = None
+    #: The Runtime API endpoint of an environment whose runtime is a program of its own (Node.js, ...).
+    endpoint: Any = None
+    sent_at: float = 0.0  # clock time the current invocation was handed over
     timeout_timer: Timer | None = None
     timers: tuple[Timer, ...] = ()
     recycle: bool = False
@@ -197,7 +202,7 @@ class Supervisor:
             self.zygote.define(function.index, EnvSpec(
                 handler=c.handler, env_vars=dict(c.env_vars), log_dir=str(self.logs_dir),
                 function_name=c.name, memory_mb=c.memory_mb, init_delay_s=c.init_delay_s,
-                exec_argv=c.exec_argv, concurrency=c.concurrency))
+                exec_argv=c.exec_argv, concurrency=c.concurrency, **({"cwd": c.cwd} if c.cwd else {})))
         self.zygote.on_spawned = self._on_spawned
         self.zygote.on_spawn_failed = self._on_spawn_failed
         self.zygote.on_exited = self._on_exited
@@ -359,6 +364,27 @@ class Supervisor:
         if self.fatal_error is not None:
             raise self.fatal_error
 
+    def enforce_memory(self) -> int:
+        """End Runtime API environments whose resident memory passed their function's memory size (a
+        Python environment watches its own; a program of another language cannot be asked to). Returns
+        how many were ended; each ends with status `out_of_memory` once its exit is reported."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        ended = 0
+        for env in list(self._envs.values()):
+            limit = env.function.config.memory_mb
+            if env.endpoint is None or not limit or env.pid is None or env.state not in (INITIALISING, BUSY):
+                continue
+            try:
+                with open(f"/proc/{env.pid}/statm") as fh:
+                    rss = int(fh.read().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                continue
+            if rss > limit * 1024 * 1024:
+                env.oom = True
+                signal_group(env.pid, signal.SIGKILL)
+                ended += 1
+        return ended
+
     def reap_vanished(self, released: Callable[[int], bool]) -> int:
         """End the vanished environments for which `released(env_id)` says the server no longer shows a
         connection: from then on they are only memory. Returns how many were signalled."""
@@ -414,11 +440,18 @@ class Supervisor:
 
     def _send_invoke(self, env: Environment, inv: Invocation) -> None:
         config = env.function.config
-        try:
-            assert env.sock is not None
-            env.sock.send(encode_invoke(inv.request_id, {"seq": inv.seq}, config.timeout_s * 1000))
-        except (OSError, AssertionError):
-            return  # it died; EOF or the zygote's report will finish the invocation as a crash
+        env.sent_at = self.clock()
+        if env.endpoint is not None:
+            from .runtime_api import deadline_ms
+
+            env.endpoint.deliver(inv.request_id, json.dumps({"seq": inv.seq}).encode(),
+                                 deadline_ms(config.timeout_s))
+        else:
+            try:
+                assert env.sock is not None
+                env.sock.send(encode_invoke(inv.request_id, {"seq": inv.seq}, config.timeout_s * 1000))
+            except (OSError, AssertionError):
+                return  # it died; EOF or the zygote's report will finish the invocation as a crash
         env.timeout_timer = self.loop.call_at(self.clock() + config.timeout_s, self._invocation_timeout, env, inv)
 
     # ------------------------------------------------------------------------------------------------
@@ -524,7 +557,14 @@ class Supervisor:
         env_id = -1 - function.index if probe else next(self._env_ids)
         env = Environment(id=env_id, function=function, provisioned=provisioned, created=self.now(), probe=probe)
         self._envs[env.id] = env
-        self.zygote.spawn(env.id, function.index)
+        extra_env: dict[str, str] = {}
+        if function.config.exec_argv:
+            from .runtime_api import RuntimeEndpoint, function_arn
+
+            env.endpoint = RuntimeEndpoint(self.loop, _RuntimeListener(self, env),
+                                           function_arn=function_arn(function.name))
+            extra_env["AWS_LAMBDA_RUNTIME_API"] = env.endpoint.listen()
+        self.zygote.spawn(env.id, function.index, extra_env)
         self._count(env, INITIALISING, 1)
         if function.service:
             env.requests = {}
@@ -602,7 +642,6 @@ class Supervisor:
 
     def _on_env_message(self, env: Environment, message: tuple) -> None:
         kind = message[0]
-        now = self.now()
         if kind == "result" and env.requests is not None:
             if env.state != SERVING:
                 self._protocol_error(env, "a result before the instance was ready")
@@ -610,55 +649,12 @@ class Supervisor:
                 self._on_service_result(env, message)
         elif kind == "result":
             _, request_id, status, error_kind, error_type, text, duration_ms = message
-            inv = env.current
-            if inv is None or inv.request_id != request_id or env.state != BUSY:
-                if env.state == BUSY and inv is not None:
-                    self._protocol_error(env, f"result for request {request_id!r}, expected {inv.request_id!r}")
-                return  # a late reply to an invocation already failed by timeout
-            inv.duration_ms = duration_ms
-            config = env.function.config
-            if duration_ms > config.timeout_s * 1000:
-                # Replied, but only after the function timeout: Lambda would have cut it off.
-                self._finish(env, inv, now, status="timeout", kind="timeout", message=env.function.timeout_message)
-                self._end(env, "timeout", signal_=signal.SIGKILL)
-                return
-            self._finish(env, inv, now, status=status, kind=error_kind, type_name=error_type, message=text)
-            if env.recycle:
-                self._end(env, "max_lifetime", signal_=signal.SIGKILL)
-            else:
-                self._freeze(env)
+            self._result(env, request_id, status, error_kind, error_type, text, duration_ms)
         elif kind == "ready":
-            if env.state != INITIALISING:
-                self._protocol_error(env, "ready reported twice")
-                return
-            env.ready_at, env.init_ms = now, message[1]
-            if env.function.service:
-                self._set_state(env, SERVING)
-                self.events.env_ready.fire(env=env)
-                self._serve_queue(env.function)
-                return
-            self._set_state(env, BUSY)
-            self.events.env_ready.fire(env=env)
-            if env.current is not None:
-                env.current.init_ms = env.init_ms
-                self._send_invoke(env, env.current)
-            else:
-                self._freeze(env)
+            self._ready(env, message[1])
         elif kind == "init_error":
             _, fatal, _, error_type, text = message
-            if env.state != INITIALISING:
-                self._protocol_error(env, "init error reported after init")
-                return
-            if fatal and self.fatal_error is None:
-                self.fatal_error = HandlerLoadError(
-                    f"--handler {env.function.config.handler}: the handler cannot be loaded in an environment "
-                    f"({text}); see {self.logs_dir / f'env-{env.id:05d}.log'}")
-            if env.current is not None:
-                self._finish(env, env.current, now, status="init_error", kind="init_error",
-                             type_name=error_type, message=text)
-            self._end(env, "init_error", signal_=None)
-            if env.requests is not None:
-                self._service_instance_lost(env, "init_error", "init_error", text)
+            self._init_failed(env, fatal, error_type, text)
         elif kind == "oom":
             env.oom = True
         elif kind == "absorbed":
@@ -667,6 +663,76 @@ class Supervisor:
             if inv is not None:
                 inv.absorbed += 1
                 inv.cause = inv.cause or message[1]
+
+    # What an environment reports, whichever channel it reports on (`protocol.py` for Python, the Runtime
+    # API for any other language).
+
+    def _result(self, env: Environment, request_id: str, status: str, error_kind: str, error_type: str, text: str,
+                duration_ms: float) -> None:
+        inv = env.current
+        if inv is None or inv.request_id != request_id or env.state != BUSY:
+            if env.state == BUSY and inv is not None:
+                self._protocol_error(env, f"result for request {request_id!r}, expected {inv.request_id!r}")
+            return  # a late reply to an invocation already failed by timeout
+        inv.duration_ms = duration_ms
+        config = env.function.config
+        now = self.now()
+        if duration_ms > config.timeout_s * 1000:
+            # Replied, but only after the function timeout: Lambda would have cut it off.
+            self._finish(env, inv, now, status="timeout", kind="timeout", message=env.function.timeout_message)
+            self._end(env, "timeout", signal_=signal.SIGKILL)
+            return
+        self._finish(env, inv, now, status=status, kind=error_kind, type_name=error_type, message=text)
+        if env.recycle:
+            self._end(env, "max_lifetime", signal_=signal.SIGKILL)
+        elif env.endpoint is None or env.endpoint.next_pending:
+            self._freeze(env)
+        # A Runtime API runtime is frozen once it asks for its next invocation (`_next_requested`).
+
+    def _ready(self, env: Environment, init_ms: float) -> None:
+        if env.state != INITIALISING:
+            self._protocol_error(env, "ready reported twice")
+            return
+        env.ready_at, env.init_ms = self.now(), init_ms
+        if env.function.service:
+            self._set_state(env, SERVING)
+            self.events.env_ready.fire(env=env)
+            self._serve_queue(env.function)
+            return
+        self._set_state(env, BUSY)
+        self.events.env_ready.fire(env=env)
+        if env.current is not None:
+            env.current.init_ms = env.init_ms
+            self._send_invoke(env, env.current)
+        else:
+            self._freeze(env)
+
+    def _init_failed(self, env: Environment, fatal: bool, error_type: str, text: str) -> None:
+        if env.state != INITIALISING:
+            self._protocol_error(env, "init error reported after init")
+            return
+        if fatal and self.fatal_error is None:
+            self.fatal_error = HandlerLoadError(
+                f"--handler {env.function.config.handler}: the handler cannot be loaded in an environment "
+                f"({text}); see {self.logs_dir / f'env-{env.id:05d}.log'}")
+        if env.current is not None:
+            self._finish(env, env.current, self.now(), status="init_error", kind="init_error",
+                         type_name=error_type, message=text)
+        self._end(env, "init_error", signal_=None if env.endpoint is None else signal.SIGKILL)
+        if env.requests is not None:
+            self._service_instance_lost(env, "init_error", "init_error", text)
+
+    def _next_requested(self, env: Environment) -> None:
+        """A Runtime API runtime asked for its next invocation: its init is over (the first time), or it
+        is done with the last one and idle, and Lambda freezes it while that request is pending."""
+        if env.state == INITIALISING:
+            started = env.spawned_at if env.spawned_at is not None else env.created
+            self._ready(env, (self.now() - started) * 1000)
+        elif env.state == BUSY and env.current is None:
+            if env.recycle:
+                self._end(env, "max_lifetime", signal_=signal.SIGKILL)
+            else:
+                self._freeze(env)
 
     def _protocol_error(self, env: Environment, reason: str) -> None:
         """The environment broke the channel's contract: fail what it was doing and discard it."""
@@ -803,6 +869,8 @@ class Supervisor:
             self.counts[state] += delta
 
     def _close_socket(self, env: Environment) -> None:
+        if env.endpoint is not None:
+            env.endpoint.close()
         if env.sock is not None:
             self.loop.remove_reader(env.sock)
             env.sock.close()
@@ -951,10 +1019,46 @@ class _Ticker:
         self.timer.cancel()
 
 
+class _RuntimeListener:
+    """Turns one environment's Runtime API requests into the supervisor's reports."""
+
+    def __init__(self, supervisor: Supervisor, env: Environment) -> None:
+        self.supervisor = supervisor
+        self.env = env
+
+    def on_next(self) -> None:
+        self.supervisor._next_requested(self.env)
+
+    def on_response(self, request_id: str, body: bytes) -> None:
+        sup, env = self.supervisor, self.env
+        sup._result(env, request_id, "ok", "", "", "", (sup.clock() - env.sent_at) * 1000)
+
+    def on_error(self, request_id: str, error_type: str, body: bytes) -> None:
+        from .runtime_api import error_summary
+
+        sup, env = self.supervisor, self.env
+        body_type, text = error_summary(body)
+        type_name = body_type or error_type or "Error"
+        kind = classify([type_name, error_type], text)
+        sup._result(env, request_id, "handler_error", kind, type_name, f"{type_name}: {text}"[:2000],
+                    (sup.clock() - env.sent_at) * 1000)
+
+    def on_init_error(self, error_type: str, body: bytes) -> None:
+        from .runtime_api import error_summary
+        from .runtimes import LOAD_ERROR_TYPES
+
+        body_type, text = error_summary(body)
+        type_name = body_type or error_type or "Runtime.Unknown"
+        fatal = error_type in LOAD_ERROR_TYPES or type_name in LOAD_ERROR_TYPES
+        self.supervisor._init_failed(self.env, fatal, type_name, f"{type_name}: {text}"[:2000])
+
+    def on_protocol_error(self, reason: str) -> None:
+        if self.env.state not in (ENDED, VANISHED):
+            self.supervisor._protocol_error(self.env, reason)
+
+
 def describe_wait_status(status: int) -> str:
     """`exit 0`, `exit 1`, `SIGKILL`, ...: how a process ended, by signal name."""
-    import os
-
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         try:
