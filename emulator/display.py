@@ -125,36 +125,44 @@ class SweepDisplay:
 
     # -- the sweep ------------------------------------------------------------------------------------
     def begin_sweep(self, sweep_dir: Path, total: int, done: int) -> None:
+        """Show the bar: `total` runs, `done` of them finished earlier (a resumed sweep)."""
         self.console.print(f"[bold]lambdaemu sweep[/] → {sweep_dir} ({total} runs{f', {done} done' if done else ''})")
         self._done = done
         self._task = self._progress.add_task("sweep", total=total, completed=done, live="")
         self._progress.start()
 
     def note(self, text: str) -> None:
+        """Say what the sweep does between runs (a server starting)."""
         self._set(live=text)
 
     def begin_run(self, point: str, repeat: int, repeats: int) -> None:
+        """A run of `point` starts."""
         self._point = point + (f" (repeat {repeat}/{repeats})" if repeats > 1 else "")
         self._set(description=self._point, live="")
 
     def end_run(self, status: str = "complete") -> None:
+        """The current run ended with `status` (said aloud unless complete)."""
         self._done += 1
         if status != "complete":
             self._progress.console.print(f"  {self._point}: {status}")
         self._set(completed=self._done, live="")
 
     def end_sweep(self) -> None:
+        """Leave the bar as it ended."""
         self._progress.stop()
 
     # -- the Display protocol, for each run -------------------------------------------------------------
     def start(self, config: Any, run_dir: Path) -> None:
+        """A run's own start (the Display protocol)."""
         self._duration = getattr(config, "duration_s", 0.0)
         self._run_started = time.monotonic()
 
     def phase(self, text: str) -> None:
+        """The run's phase, shown beside the bar."""
         self._set(live=f"[dim]{text}[/]")
 
     def update(self, supervisor: Any, fleet: Any) -> None:
+        """The run's live figures beside the bar, which advances with the run's elapsed share."""
         c = fleet.totals()
         shown = fleet.published()
         conn = f"{shown['connections']}/{shown['max_connections']}" if shown["samples"] else "?"
@@ -164,7 +172,7 @@ class SweepDisplay:
                        f"connections {conn} errors {c['errors']}")
 
     def stop(self) -> None:
-        pass
+        """A run's end: the bar stays for the next run."""
 
     def _set(self, **fields: Any) -> None:
         if self._task is not None:

@@ -37,6 +37,7 @@ OPTIONS = (
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register every option twice: `lambdaemu_<name>` in ini files, `--lambdaemu-<name>` on the command line."""
     group = parser.getgroup("lambdaemu", "lambdaemu: runs against a real database")
     for name, help_text, default in OPTIONS:
         group.addoption(f"--lambdaemu-{name.replace('_', '-')}", dest=f"lambdaemu_{name}", default=None,

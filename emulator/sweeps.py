@@ -40,7 +40,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .config import SETTINGS_BY_NAME, RunConfig, by_field, field_of, format_duration
 from .errors import LambdaemuError, UsageError
@@ -594,9 +594,3 @@ def point_rows(rows: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> list[d
 
     return spread([{k: v for k, v in r.items() if k != "run_dir"} for r in rows], ["point", *axes])
 
-
-def iter_runs(sweep_dir: Path) -> Iterator[tuple[dict[str, Any], Path]]:
-    """Every run sweep.json lists, with its directory."""
-    data = json.loads((sweep_dir / "sweep.json").read_text())
-    for entry in data["runs"]:
-        yield entry, sweep_dir / entry["dir"]

@@ -272,3 +272,23 @@ def test_points_behind_the_proxy_share_it_and_start_without_its_clients(tmp_path
     for first in firsts.values():
         assert first["proxy_clients"] == "0" and int(first["connections"]) <= 2, first
     assert not sweep_servers(out)
+
+
+def test_a_narrow_terminal_gets_a_column_per_point():
+    from rich.console import Console
+
+    from emulator.compare import spread, table
+
+    rows = [{"point": f"pool_max={n}", "repeat": r, "status": "complete", "peak_connections": n * 10 + r,
+             "max_connections": 100, "peak_percent": float(n * 10 + r), "errors": 0, "errors.pool_timeout": r}
+            for n in (1, 5) for r in (1, 2)]
+    grouped = spread(rows, ["point"])
+    assert grouped[1]["peak_connections"] == (51.5, 51, 52) and grouped[1]["runs"] == 2
+    console = Console(width=60, record=True)
+    console.print(table(grouped, ["point", "runs"], "narrow", width=60))
+    text = console.export_text()
+    assert "pool_max=5" in text.splitlines()[2] and "51.5 (51–52)" in text
+    console = Console(width=250, record=True)
+    console.print(table(grouped, ["point", "runs"], "wide", width=250))
+    header = console.export_text().splitlines()[2]
+    assert "point" in header and "peak conn" in header and "errors.pool_timeout" in header
