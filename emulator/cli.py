@@ -34,6 +34,13 @@ def _settings_options(func: Any) -> Any:
     return func
 
 
+def _log_warnings(caught: list[warnings.WarningMessage], path: Path) -> None:
+    # Library warnings caught during a command go to its results, never to the terminal.
+    if caught:
+        with open(path, "a") as log:
+            log.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"lambdaemu: error: {message}", err=True)
     sys.exit(code)
@@ -95,9 +102,7 @@ def run_command(as_json: bool, results_dir: str, force: bool, scenario_path: str
             _fail(str(exc), 2)
         except LambdaemuError as exc:
             _fail(str(exc), 1)
-    if caught:
-        with open(result.run_dir / "logs" / "lambdaemu.log", "a") as log:
-            log.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    _log_warnings(caught, result.run_dir / "logs" / "lambdaemu.log")
     console = Console(stderr=as_json)
     console.print(summary_table(result.summary, result.run_dir))
     if result.error:
@@ -134,7 +139,7 @@ def sweep_command(scenario_path: str | None, edits: tuple[str, ...], repeat: str
     from .display import SweepDisplay
     from .sweeps import resume, split_edits, split_options, sweep
 
-    with warnings.catch_warnings(record=True):
+    with warnings.catch_warnings(record=True) as caught:
         try:
             if resume_dir is not None:
                 given = [SETTINGS_BY_NAME[k].flag for k, v in raw.items() if v and k != "db_url"]
@@ -157,6 +162,7 @@ def sweep_command(scenario_path: str | None, edits: tuple[str, ...], repeat: str
             _fail(str(exc), 2)
         except LambdaemuError as exc:
             _fail(str(exc), 1)
+    _log_warnings(caught, result.sweep_dir / "lambdaemu.log")
     from .compare import read_summary, table
     from .sweeps import point_rows
     from .thresholds import THRESHOLD_EXIT
