@@ -171,3 +171,12 @@ def lambdaemu(*args: str, cwd: Path, timeout: float = 120, tmpdir: Path | None =
     if tmpdir is not None:
         env["TMPDIR"] = str(tmpdir)  # where any server work directory of this run would be created
     return subprocess.run([*LAMBDAEMU, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def kill_janitor(run_id: str) -> None:
+    """Kill the janitor of run `run_id`, as a machine going down with the run would: then only
+    `lambdaemu cleanup` is left to clean up after it."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "janitor_main" in cmdline and run_id in cmdline:
+            proc.kill()

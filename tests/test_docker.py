@@ -15,10 +15,9 @@ import time
 import docker
 import psycopg
 import pymysql
-import psutil
 import pytest
 
-from conftest import cli_env, new_run_id
+from conftest import cli_env, kill_janitor, new_run_id
 from emulator.databases.docker import LABEL_OWNER_PID, LABEL_RUN_ID, LABEL_VERSION, DockerLauncher
 from emulator.databases.mysql import MySQLServer
 from emulator.databases.pgbouncer import PgBouncer
@@ -194,10 +193,7 @@ def test_kill_9_of_the_run_and_its_janitor_then_cleanup_leaves_no_container(clie
         containers = run_containers(client, run["run_id"])
         assert len(containers) == 2
         # A machine that went down with the run: its janitor is gone too, so only cleanup is left.
-        for janitor in psutil.process_iter(["cmdline"]):
-            cmdline = " ".join(janitor.info["cmdline"] or [])
-            if "janitor_main" in cmdline and run["run_id"] in cmdline:
-                janitor.kill()
+        kill_janitor(run["run_id"])
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:

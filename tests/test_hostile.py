@@ -25,7 +25,7 @@ from emulator.errors import UsageError
 from emulator.plots import chart
 from emulator.processes import process_identity
 from emulator.results import read_csv
-from conftest import LAMBDAEMU, assert_no_leftovers, cli_env, lambdaemu, wait_for_status
+from conftest import LAMBDAEMU, assert_no_leftovers, cli_env, kill_janitor, lambdaemu, wait_for_status
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE_DB = ["--provider", "external", "--db-url", "postgresql://u:p@127.0.0.1:1/db"]
@@ -354,10 +354,7 @@ def test_cleanup_marks_a_run_killed_with_sigkill(tmp_path, postgres):
         # The run's janitor would mark it killed at once; here it goes down with the run (a machine that
         # crashed), so only `lambdaemu cleanup` is left to notice.
         run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
-        for janitor in psutil.process_iter(["cmdline"]):
-            cmdline = " ".join(janitor.info["cmdline"] or [])
-            if "janitor_main" in cmdline and run_id in cmdline:
-                janitor.kill()
+        kill_janitor(run_id)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:

@@ -262,16 +262,6 @@ class MySQLServer(Server):
         """"MariaDB" or "MySQL"."""
         return self.engine_impl.flavour  # type: ignore[attr-defined]
 
-    @property
-    def workdir(self) -> Path | None:
-        """The launcher's private work directory (data, socket, log), when it has one."""
-        return getattr(self.launcher, "workdir", None)
-
-    @property
-    def log_path(self) -> Path:
-        """The server's log file (native launcher)."""
-        return self.launcher.log_path  # type: ignore[attr-defined]
-
     def threads_connected(self, conn: Any) -> int:
         """`Threads_connected` as the server reports it (main-port sessions only on MariaDB)."""
         return mysql_threads_connected(conn)

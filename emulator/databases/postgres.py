@@ -175,16 +175,6 @@ class PostgresServer(Server):
         super().__init__(engine, launcher or launcher_for(provider, "postgres", bindir=bindir), run_id=run_id,
                          applications=applications)
 
-    @property
-    def workdir(self) -> Path | None:
-        """The launcher's private work directory (data, log), when it has one."""
-        return getattr(self.launcher, "workdir", None)
-
-    @property
-    def log_path(self) -> Path:
-        """The server's log file (native and embedded launchers)."""
-        return self.launcher.log_path  # type: ignore[attr-defined]
-
 
 def _psycopg() -> Any:
     import psycopg

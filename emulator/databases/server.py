@@ -184,6 +184,16 @@ class Launcher:
 class Server(Database):
     """A database server lambdaemu starts: `engine` started by `launcher`, with one user per application."""
 
+    @property
+    def workdir(self) -> Any:
+        """The launcher's private work directory (data, socket, log), when it has one."""
+        return getattr(self.launcher, "workdir", None)
+
+    @property
+    def log_path(self) -> Any:
+        """The server's log file (native and embedded launchers)."""
+        return self.launcher.log_path  # type: ignore[attr-defined]
+
     def __init__(self, engine: Engine, launcher: Launcher, *, run_id: str,
                  applications: Iterable[str] = (DEFAULT_APPLICATION,)) -> None:
         super().__init__(applications)
