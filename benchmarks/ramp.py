@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import (Workdir, add_max_connections, dist, emit, invocation_figures, leftovers, log,
-                     max_connections_flags, parser, prepare, ratio, run_lambdaemu, run_leftovers, table, verdict)
+                     loadavg, max_connections_flags, parser, prepare, ratio, run_lambdaemu, run_leftovers, table,
+                     verdict, wait_quiet)
 
 TARGET_LAG_P99_MS = 5.0
 TARGET_PEAK_RATIO = 1.05
@@ -126,9 +127,13 @@ def main() -> None:
         for i in range(args.repeat):
             for rps in args.rps:
                 for nice in args.env_nice:
+                    if runs and not args.no_wait_quiet:
+                        # The previous run raised the load average itself: only the CPU must be idle.
+                        wait_quiet(max_load=float("inf"), timeout_s=args.quiet_timeout)
                     log(f"ramp {i + 1}/{args.repeat}: {rps:g} req/s for {args.duration:g} s from no environment"
                         + ("" if nice is None else f", --env-nice {nice}"))
-                    runs.append(ramp(rps, nice, args, tmp))
+                    before = loadavg()
+                    runs.append({**ramp(rps, nice, args, tmp), "loadavg_before": before})
     left = leftovers()
 
     result = {"benchmark": "ramp", "machine": info, "duration_s": args.duration, "seed": args.seed,
@@ -143,7 +148,7 @@ def main() -> None:
     rows = []
     for r in runs:
         cpu = r["cpu_during_load"]
-        rows.append([f"{r['rps']:g}", r["env_nice"], f"{r['run_status']} ({r['exit_code']})", r["invocations"],
+        rows.append([f"{r['rps']:g}", r["env_nice"], r["loadavg_before"][0], f"{r['run_status']} ({r['exit_code']})", r["invocations"],
                      d(r["dispatch_lag_ms"], "p50", "p99", "max"),
                      f"{r['peak_environments']} / {r['ideal_peak_environments']} = {r['peak_over_ideal']}x",
                      d(r["init_ms"], "p50", "p99"), d(r["duration_ms"], "p50", "p99"),
@@ -152,12 +157,12 @@ def main() -> None:
                      r["cpu_account"]["others_pct_of_machine"],
                      cpu.get("process_cpu_pct_of_one_core"),
                      f"{verdict(r['target']['lag_p99_pass'])} / {verdict(r['target']['peak_pass'])}"])
-    text = table(rows, ["rps", "nice", "run", "invocations", "lag ms p50/p99/max", "peak / ideal",
+    text = table(rows, ["rps", "nice", "load", "run", "invocations", "lag ms p50/p99/max", "peak / ideal",
                         "init ms p50/p99", "duration ms p50/p99", "start outside init ms p50/p99",
                         "machine CPU % mean/max", "others %", "lambdaemu CPU %",
                         "lag / peak"])
     text += (f"\n\ntargets: dispatch lag p99 <= {TARGET_LAG_P99_MS:g} ms; peak environments <= "
-             f"{TARGET_PEAK_RATIO} x ideal. 'start outside init': spawn request to ready minus the environment's "
+             f"{TARGET_PEAK_RATIO} x ideal. 'load': the 1-minute load average before the run. 'start outside init': spawn request to ready minus the environment's "
              "own init_ms (environments.csv). CPU over the load window: the machine's (% of all CPUs), the "
              "lambdaemu process's (% of one core); 'others': processes not reaped by this benchmark before the "
              "run ended (other users, and the run's database server), % of all CPUs over the whole run")
