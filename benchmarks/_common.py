@@ -585,6 +585,12 @@ def read_invocations(path: Path) -> Iterator[Row]:
                       r["status"])
 
 
+def added_ms(r: Row) -> float:
+    """(end - start) - duration of an ok invocation, from invocations.csv's microsecond columns (latency -
+    lag - duration; for a cold start this includes its init)."""
+    return r.latency_ms - r.lag_ms - r.duration_ms
+
+
 #: Statuses whose environment was busy until the supervisor ended the invocation, not for a reported time.
 _CUT_SHORT = ("timeout", "crash", "init_error", "out_of_memory", "interrupted")
 
@@ -614,7 +620,9 @@ def ideal_peak(rows: Iterable[Row]) -> int:
 
 def invocation_figures(path: Path) -> dict[str, Any]:
     """What a run's invocations.csv says: rows by status, dispatch lag (start - scheduled, every row),
-    init_ms (cold starts), duration_ms (inside the handler) and the ideal peak of environments."""
+    init_ms (cold starts), duration_ms (inside the handler), the time a warm invocation spent outside its
+    handler after it was dispatched (`added_ms`: (end - start) - duration_ms: thaw, the environment
+    getting the CPU, its reply read) and the ideal peak of environments."""
     rows = list(read_invocations(path))
     return {
         "rows": len(rows),
@@ -623,5 +631,6 @@ def invocation_figures(path: Path) -> dict[str, Any]:
         "dispatch_lag_ms": dist([r.lag_ms for r in rows]),
         "init_ms": dist([r.init_ms for r in rows if r.init_ms is not None]),
         "duration_ms": dist([r.duration_ms for r in rows if r.duration_ms is not None]),
+        "added_ms_warm": dist([added_ms(r) for r in rows if r.status == "ok" and not r.cold]),
         "ideal_peak_environments": ideal_peak(rows),
     }

@@ -38,9 +38,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import (SLEEP_HANDLER, CpuAccount, Row, TickDisplay, Workdir, dist, emit, ideal_peak, leftovers, log,
-                     parser, prepare, ratio, read_invocations, run_info, run_leftovers, summary, table, verdict,
-                     write_handler)
+from _common import (SLEEP_HANDLER, CpuAccount, Row, TickDisplay, Workdir, added_ms, dist, emit, ideal_peak,
+                     leftovers, log, parser, prepare, ratio, read_invocations, run_info, run_leftovers, summary,
+                     table, verdict, write_handler)
 
 from emulator import load
 from emulator.config import RunConfig
@@ -168,11 +168,6 @@ def timeline(rows: list[Row], load_start: float, bucket_s: float = 1.0) -> list[
         b["cold"] += r.cold
         b["max_lag_ms"] = max(b["max_lag_ms"], round(r.lag_ms, 1))
     return [{"t_s": k * bucket_s, **buckets[k]} for k in sorted(buckets)]
-
-
-def added_ms(r: Row) -> float:
-    """(end - start) - duration: from invocations.csv's microsecond columns (latency - lag - duration)."""
-    return r.latency_ms - r.lag_ms - r.duration_ms
 
 
 def analyse(out: dict[str, Any], args: Any) -> dict[str, Any]:

@@ -91,6 +91,7 @@ def ramp(rps: float, nice: int | None, args: Any, workdir: Path) -> dict[str, An
         "peak_over_ideal": ratio(peak, ideal),
         "environments_started": summary.get("environments"),
         "init_ms": inv.get("init_ms"), "duration_ms": inv.get("duration_ms"),
+        "added_ms_warm": inv.get("added_ms_warm"),
         "environment_start": environment_figures(out / "environments.csv"),
         "peak_connections": summary.get("peak_connections"), "max_connections": summary.get("max_connections"),
         "samples_missed": (summary.get("fidelity") or {}).get("samples_missed"),
@@ -148,24 +149,26 @@ def main() -> None:
     rows = []
     for r in runs:
         cpu = r["cpu_during_load"]
-        rows.append([f"{r['rps']:g}", r["env_nice"], r["loadavg_before"][0], f"{r['run_status']} ({r['exit_code']})", r["invocations"],
-                     d(r["dispatch_lag_ms"], "p50", "p99", "max"),
+        rows.append([f"{r['rps']:g}", r["env_nice"], r["loadavg_before"][0], f"{r['run_status']} ({r['exit_code']})",
+                     r["invocations"], d(r["dispatch_lag_ms"], "p50", "p99", "max"),
                      f"{r['peak_environments']} / {r['ideal_peak_environments']} = {r['peak_over_ideal']}x",
                      d(r["init_ms"], "p50", "p99"), d(r["duration_ms"], "p50", "p99"),
+                     d(r["added_ms_warm"], "p50", "p99"),
                      d(r["environment_start"]["request_to_ready_minus_init_ms"], "p50", "p99"),
                      f"{cpu.get('machine_busy_pct_mean')} / {cpu.get('machine_busy_pct_max')}",
-                     r["cpu_account"]["others_pct_of_machine"],
-                     cpu.get("process_cpu_pct_of_one_core"),
+                     r["cpu_account"]["others_pct_of_machine"], cpu.get("process_cpu_pct_of_one_core"),
                      f"{verdict(r['target']['lag_p99_pass'])} / {verdict(r['target']['peak_pass'])}"])
     text = table(rows, ["rps", "nice", "load", "run", "invocations", "lag ms p50/p99/max", "peak / ideal",
-                        "init ms p50/p99", "duration ms p50/p99", "start outside init ms p50/p99",
-                        "machine CPU % mean/max", "others %", "lambdaemu CPU %",
+                        "init ms p50/p99", "duration ms p50/p99", "added warm ms p50/p99",
+                        "start outside init ms p50/p99", "machine CPU % mean/max", "others %", "lambdaemu CPU %",
                         "lag / peak"])
     text += (f"\n\ntargets: dispatch lag p99 <= {TARGET_LAG_P99_MS:g} ms; peak environments <= "
-             f"{TARGET_PEAK_RATIO} x ideal. 'load': the 1-minute load average before the run. 'start outside init': spawn request to ready minus the environment's "
-             "own init_ms (environments.csv). CPU over the load window: the machine's (% of all CPUs), the "
-             "lambdaemu process's (% of one core); 'others': processes not reaped by this benchmark before the "
-             "run ended (other users, and the run's database server), % of all CPUs over the whole run")
+             f"{TARGET_PEAK_RATIO} x ideal. 'load': the 1-minute load average before the run. 'added warm': "
+             "(end - start) - duration of warm invocations. 'start outside init': spawn request to ready minus "
+             "the environment's own init_ms (environments.csv). CPU over the load window: the machine's (% of "
+             "all CPUs), the lambdaemu process's (% of one core); 'others': processes not reaped by this "
+             "benchmark before the run ended (other users, and the run's database server), % of all CPUs over "
+             "the whole run")
     for r in runs:
         extra = []
         if r["errors"] and r["errors"].get("total"):

@@ -3,8 +3,9 @@
 Figure: the real `lambdaemu run --rps 167 --duration <--minutes>m --seed <--seed> --max-connections 400`
 (default workload: embedded PostgreSQL, `workloads.sqlalchemy_pool`, 300 ms per invocation, Poisson
 arrivals; the server's limit raised so that the invocations do their work rather than fail on "too many
-clients" after the cold-start burst, see BENCHMARKS.md), as a user runs it. While it runs, the lambdaemu process (the supervisor: loop, writers, summary) is sampled every
---rss-interval seconds with psutil (RSS, CPU time), with the machine's CPU use. Afterwards:
+clients" after the cold-start burst, see BENCHMARKS.md), as a user runs it. While it runs, the
+lambdaemu process (the supervisor: loop, writers, summary) is sampled every --rss-interval seconds with
+psutil (RSS, CPU time), with the machine's CPU use. Afterwards:
 
 - every arrival has a row: the rows of invocations.csv against the arrivals of the same schedule, counted
   here from `emulator.load.schedule("poisson", rps, duration, seed)` (the schedule the CLI builds);
