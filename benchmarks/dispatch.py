@@ -147,7 +147,8 @@ def run_load(args: Any, workdir: Path, provisioned: int) -> dict[str, Any]:
     handler = write_handler(workdir, "sleep_handler", SLEEP_HANDLER)
     out = workdir / "run"
     config = RunConfig(handler=handler, rps=args.rps, duration_s=args.duration, arrivals="constant",
-                       init_delay_s=0, concurrency_limit=1000, timeout_s=3, provisioned=provisioned, out=str(out))
+                       init_delay_s=0, concurrency_limit=1000, timeout_s=3, provisioned=provisioned, out=str(out),
+                       env_nice=args.env_nice)
     recorder = CpuRecorder()
     account = CpuAccount()
     result = run(config, display=recorder, arrivals=load.constant(args.rps, args.duration))
@@ -222,6 +223,7 @@ def main() -> None:
                         "starts with no environment, as `lambdaemu run` does (default: both, provisioned first)")
     p.add_argument("--provisioned", type=int, default=None,
                    help="environments provisioned in the provisioned scenario (default: rps x 0.3 s x 1.2)")
+    p.add_argument("--env-nice", type=int, default=10, help="the environments' --env-nice (default 10, the CLI's)")
     p.add_argument("--floor-samples", type=int, default=5000)
     p.add_argument("--workdir", default=None,
                    help="where the run directory goes (default: a scratch directory under benchmarks/)")
@@ -268,7 +270,7 @@ def main() -> None:
     result = {
         "benchmark": "dispatch",
         "machine": info,
-        "rps": args.rps, "duration_s": args.duration, "warmup_s": args.warmup,
+        "rps": args.rps, "duration_s": args.duration, "warmup_s": args.warmup, "env_nice": args.env_nice,
         "targets": {"added_p50_ms_max": TARGET_P50_MS, "added_p99_ms_max": TARGET_P99_MS,
                     "cpu_pct_max": TARGET_CPU_PCT},
         "floor_round_trip_recv_ms": fl,
