@@ -183,11 +183,14 @@ def emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
     start = info.get("code")
     if start is not None:
         end = code_state(Path(start["checkout"]))
-        result["code_changed_during_run"] = end != start
+        # A new commit that leaves emulator/ and workloads/ as they were (e.g. results) changes nothing measured.
+        changed = (end["digest"], end["emulator_workloads_differ_from_head"]) != \
+            (start["digest"], start["emulator_workloads_differ_from_head"])
+        result["code_changed_during_run"] = changed
         text += (f"\ncode: git {start['head']} in {start['checkout']}"
                  + (" + uncommitted changes in emulator/ or workloads/" if start["emulator_workloads_differ_from_head"]
                     else "") + f" (digest {start['digest']})")
-        if end != start:
+        if changed:
             text += f"\nWARNING: the code changed while this ran (now git {end['head']}, digest {end['digest']})"
     text += f"\nload average at start {info.get('loadavg_at_start')}, at end {info['loadavg_at_end']}"
     if args.json:
