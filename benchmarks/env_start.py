@@ -1,14 +1,16 @@
 """Environment start time: from the supervisor's spawn request to the environment's "ready" message.
 
-Figure: `emulator.supervisor.Supervisor` (started as runner.py starts it) provisions one environment at a
-time for a trivial handler (a generated file that imports nothing, `init_delay_s=0`). For each, the time
-from just before `provision(1)` (which sends the spawn request to the zygote) to `env.ready_at` (the
-supervisor has received "ready"), split at the zygote's "spawned" reply (`env.created`). The zygote keeps
-one child forked ahead and hands it over on request, so the fork itself is not on this path unless the
-next request arrives before the zygote has forked the replacement.
+Figure: `emulator.supervisor.Supervisor`, wired as runner.py wires it (a `ZygoteClient` started first,
+environments at the run's default `--env-nice`, a `Loop`, `Events`), provisions one environment at a time
+for a trivial handler (a generated file that imports nothing, `init_delay_s=0`): a function with
+`provisioned=1`, and `Supervisor.provision()` called once per sample, which asks the zygote for one more
+environment without waiting and runs the loop until it is ready. For each environment, the time from
+the spawn request (`env.created`) to `env.ready_at` (the loop has read "ready"), split at the zygote's
+"spawned" reply (`env.spawned_at`). The zygote keeps children forked ahead and hands one over on
+request, so the fork itself is not on this path unless requests come faster than it forks.
 
 Floor, measured in the same run: a bare `os.fork()` + child `os._exit(0)` + `os.waitpid` in a fresh
-interpreter that imported `emulator.environment.PRELOAD` and called `gc.freeze()`, as the zygote does:
+interpreter that imported `emulator.zygote.PRELOAD` and called `gc.freeze()`, as the zygote does:
 --samples forks in a tight loop (half before, half after the environments: the issue's floor), and one
 more just before each environment sample (paired: a fork with the same cold caches as the zygote's, and
 drift in the machine's speed shows in both).
@@ -25,11 +27,14 @@ import os
 import subprocess
 from pathlib import Path
 
-from _common import CpuAccount, Workdir, dist, pct, emit, leftovers, log, parser, preloaded_python_argv, prepare, ratio, table
+from _common import (TRIVIAL_HANDLER, CpuAccount, Workdir, dist, emit, leftovers, log, parser, pct,
+                     preloaded_python_argv, prepare, ratio, table, verdict, write_handler)
 
-from emulator.config import RunConfig
+from emulator.config import FunctionConfig, RunConfig
 from emulator.events import Events
+from emulator.loop import Loop
 from emulator.supervisor import Supervisor
+from emulator.zygote import ZygoteClient
 
 TARGET_P50_MS = 5.0
 WARMUP = 10
@@ -94,37 +99,41 @@ def floor_cpu_s(floor: FloorFork) -> float:
 def environment_starts(samples: int, workdir: Path, floor: FloorFork | None = None) -> dict[str, list[float]]:
     """Provision `samples` environments one at a time; return per-environment times in ms. With `floor`,
     one floor sample is taken just before each environment."""
-    handler = workdir / "trivial_handler.py"
-    handler.write_text("def handler(event, context):\n    return None\n")
+    handler = write_handler(workdir, "trivial_handler", TRIVIAL_HANDLER)
     logs = workdir / "logs"
     logs.mkdir()
-    config = RunConfig(handler=f"{handler}:handler", init_delay_s=0, provisioned=0,
-                       concurrency_limit=max(1000, samples + WARMUP))
-    events = Events()
-    supervisor = Supervisor(config, handler_env={}, logs_dir=logs, events=events, run_id="bench-env-start")
+    config = RunConfig(handler=handler, init_delay_s=0, provisioned=1)
+    run_id = f"bench-env-start-{os.getpid()}"
     request_to_ready, request_to_fork, fork_to_ready, init_ms, floor_ms = [], [], [], [], []
     if floor is not None:
         _FLOOR_CPU_AT_START[floor.proc.pid] = floor.cpu_s()
+    events = Events()
     started: list = []
-    events.env_start.add_listener(lambda env: started.append(env))
-    supervisor.start()
+    events.env_spawn.add_listener(lambda env: started.append(env))
+    loop = Loop()
+    zygote = ZygoteClient(logs, run_id, nice=config.env_nice)
+    zygote.start()
+    supervisor = Supervisor([FunctionConfig.from_run_config(config, {})], concurrency_limit=config.concurrency_limit,
+                            zygote=zygote, loop=loop, events=events, logs_dir=logs, run_id=run_id)
     try:
+        supervisor.start()
         for i in range(samples + WARMUP):
             floor_sample = floor.sample() if floor is not None else None
-            requested = supervisor.now()
-            supervisor.provision(1)
+            supervisor.provision()  # one more provisioned environment, initialised before it returns
             env = started[-1]
             assert env.ready_at is not None, f"environment {env.id} did not become ready"
             if i < WARMUP:
                 continue
-            request_to_ready.append((env.ready_at - requested) * 1000)
-            request_to_fork.append((env.created - requested) * 1000)
-            fork_to_ready.append((env.ready_at - env.created) * 1000)
+            request_to_ready.append((env.ready_at - env.created) * 1000)
+            request_to_fork.append((env.spawned_at - env.created) * 1000)
+            fork_to_ready.append((env.ready_at - env.spawned_at) * 1000)
             init_ms.append(env.init_ms)
             if floor_sample is not None:
                 floor_ms.append(floor_sample)
     finally:
         supervisor.shutdown()
+        zygote.close()
+        loop.close()
     return {"request_to_ready": request_to_ready, "request_to_fork": request_to_fork,
             "fork_to_ready": fork_to_ready, "init_ms": init_ms, "floor": floor_ms}
 
@@ -181,9 +190,9 @@ def main() -> None:
     }
     rows = [
         ["environment start (spawn request -> ready)", start["p50"], start["p90"], start["p99"], start["mean"]],
-        ["  request -> zygote replied 'spawned' (env.created)", to_fork["p50"], to_fork["p90"], to_fork["p99"],
+        ["  request -> zygote replied 'spawned' (env.spawned_at)", to_fork["p50"], to_fork["p90"], to_fork["p99"],
          to_fork["mean"]],
-        ["  'spawned' -> ready (env.ready_at - env.created)", after_fork["p50"], after_fork["p90"],
+        ["  'spawned' -> ready (env.ready_at - env.spawned_at)", after_fork["p50"], after_fork["p90"],
          after_fork["p99"], after_fork["mean"]],
         ["    of which init phase reported by the environment", inside["p50"], inside["p90"], inside["p99"],
          inside["mean"]],
@@ -195,7 +204,7 @@ def main() -> None:
     text += (f"\n\nratio to floor (tight loop): p50 {result['ratio_p50']}x, p90 {result['ratio_p90']}x; "
              f"to the paired floor: p50 {result['ratio_p50_to_paired_floor']}x, median of paired ratios "
              f"{result['median_of_paired_ratios']}x"
-             f"\ntarget: median <= {TARGET_P50_MS} ms -> {'PASS' if result['target']['pass'] else 'FAIL'}"
+             f"\ntarget: median <= {TARGET_P50_MS} ms -> {verdict(result['target']['pass'])}"
              f" ({start['p50']} ms, n={start['n']})")
     text += f"\nCPU while the environments started (core-s): {cpu}"
     if left:

@@ -1,19 +1,21 @@
 """Private memory per idle (frozen) environment, without and with an open pooled database connection.
 
-Figure: `emulator.supervisor.Supervisor` (wired as runner.py wires it) provisions --envs environments,
-invokes each once (`load.fixed`, one arrival per environment), lets them freeze, then reads each
-environment's memory with psutil `memory_full_info()`: USS (pages only this process maps: what ending it
-would free) and PSS (its share of pages it shares, e.g. with the zygote and its siblings). Two handlers:
+Figure: `emulator.runner.run()` (the Python API behind `lambdaemu run`: an embedded PostgreSQL, the
+zygote warmed against it, the sampler) with `provisioned=--envs`, and one arrival per environment
+(`arrivals=load.fixed`), so each environment is initialised, invoked once and frozen; one more arrival
+comes seconds later, to keep the run going while the display measures. The display's `update`, called
+at every tick of the loop, waits until every environment has been frozen for --settle seconds, then
+reads each frozen environment's memory (pids from the shared fleet state) with psutil
+`memory_full_info()`: USS (pages only this process maps: what ending it would free) and PSS (its share of
+pages it shares, e.g. with the zygote and its siblings). Two handlers:
 
 - idle: a generated no-import handler file, `init_delay_s=0`;
 - pooled connection: the default workload `workloads.sqlalchemy_pool` (SQLAlchemy QueuePool created at
-  import, `WORK_SECONDS=0` so the invocation runs `SELECT 1`), against a real embedded PostgreSQL started
-  with `emulator.databases.postgres.PostgresServer(provider="embedded")`; the function's environment is
-  `runner.function_env`, and the zygote warms the drivers (`Supervisor.warm()`) before any environment
-  is forked, as in a run. Each frozen environment holds one open pooled connection.
+  import, `WORK_SECONDS=0` so the invocation runs `SELECT 1`). Each frozen environment holds one open
+  pooled connection (the sampler's `held_frozen` column says how many the server saw).
 
 Floor, measured in the same run: --envs bare forks of a fresh interpreter that imported
-`emulator.environment.PRELOAD` and called `gc.freeze()` (as the zygote does); each child stops itself
+`emulator.zygote.PRELOAD` and called `gc.freeze()` (as the zygote does); each child stops itself
 (SIGSTOP) at once and is measured the same way. The zygote's own USS/PSS/RSS is reported too.
 
 Targets (issue): private memory <= 3 MB per idle environment, <= 10 MB with an open pooled connection.
@@ -24,20 +26,19 @@ Targets (issue): private memory <= 3 MB per idle environment, <= 10 MB with an o
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from _common import Workdir, dist, emit, leftovers, log, parser, preloaded_python_argv, prepare, ratio, table
+from _common import (TRIVIAL_HANDLER, TickDisplay, Workdir, dist, emit, leftovers, log, parser,
+                     preloaded_python_argv, prepare, ratio, run_info, run_leftovers, summary, table, verdict,
+                     write_handler)
 
 from emulator import load
 from emulator.config import RunConfig
-from emulator.databases.postgres import PostgresServer
-from emulator.events import Events
-from emulator.runner import function_env
-from emulator.supervisor import FROZEN, Supervisor
+from emulator.runner import run
 
 TARGET_IDLE_MB, TARGET_POOLED_MB = 3.0, 10.0
 MB = 1024 * 1024
@@ -77,41 +78,47 @@ def floor(n: int) -> dict:
     return json.loads(out)
 
 
-def frozen_environments(handler: str, n: int, workdir: Path, config_extra: dict, db=None) -> dict:
-    """Provision `n` environments for `handler`, invoke each once, let them freeze; measure them."""
-    logs = workdir / "logs"
-    logs.mkdir(exist_ok=True)
-    config = RunConfig(handler=handler, init_delay_s=0, provisioned=n, **config_extra)
-    events = Events()
-    statuses: dict[str, int] = {}
-    warm_error = None
+class FrozenMemory(TickDisplay):
+    """Measures every frozen environment once all `n` have been frozen for `settle_s`."""
 
-    def on_end(invocation) -> None:
-        statuses[invocation.status] = statuses.get(invocation.status, 0) + 1
+    def __init__(self, n: int, settle_s: float) -> None:
+        self.n = n
+        self.settle_s = settle_s
+        self.done_at: float | None = None
+        self.environments: list[dict[str, int]] = []
+        self.zygote: dict[str, int] = {}
+        self.measured_at: float | None = None
 
-    events.invocation_end.add_listener(on_end)
-    supervisor = Supervisor(config, handler_env={}, logs_dir=logs, events=events,
-                            run_id=f"bench-memory-{os.getpid()}")
-    supervisor.start()  # before the database's client threads, as runner.run does
-    try:
-        if db is not None:
-            db.start()
-            supervisor.handler_env = function_env(config, db)
-            warm_error = supervisor.warm()  # as runner.run does once the database is up
-        supervisor.provision(n)
-        supervisor.run_load(load.fixed([0.0] * n), on_tick=lambda: None)
-        supervisor.idle(1.0)  # let every environment settle frozen
-        envs = [e for e in supervisor.live_environments() if e.state == FROZEN]
-        rows = [measure(e.pid) for e in envs]
-        zygote = measure(supervisor._zygote.pid) if supervisor._zygote is not None else {}
-        connections = None
-        if db is not None:
-            with db.admin_connect() as conn:
-                connections = sum(1 for r in db.connections(conn) if r.application_name.startswith("lambdaemu-env-"))
-    finally:
-        supervisor.shutdown()
-    return {"environments": rows, "zygote": zygote, "statuses": statuses, "frozen": len(envs),
-            "db_connections_held": connections, "zygote_warm_error": warm_error}
+    def update(self, supervisor: Any, fleet: Any) -> None:
+        if self.measured_at is not None:
+            return
+        totals = fleet.totals()
+        if totals["invocations"] < self.n or totals["frozen"] < self.n:
+            return
+        now = supervisor.now()
+        if self.done_at is None:
+            self.done_at = now
+        if now - self.done_at < self.settle_s:
+            return
+        self.measured_at = now
+        for _, pid, _, state in fleet.environments():
+            if state == "frozen":
+                self.environments.append(measure(pid))
+        if supervisor.zygote.proc is not None:
+            self.zygote = measure(supervisor.zygote.proc.pid)
+
+
+def frozen_environments(handler: str, n: int, workdir: Path, settle_s: float, **config_extra: Any) -> dict:
+    """One run: `n` provisioned environments for `handler`, each invoked once, measured frozen."""
+    out = workdir / f"run-{len(list(workdir.glob('run-*')))}"
+    config = RunConfig(handler=handler, init_delay_s=0, provisioned=n, out=str(out), **config_extra)
+    recorder = FrozenMemory(n, settle_s)
+    result = run(config, display=recorder, arrivals=load.fixed([0.0] * n + [settle_s + 3.0]))
+    s, info = summary(out), run_info(out)
+    return {"environments": recorder.environments, "zygote": recorder.zygote, "statuses": s.get("statuses"),
+            "run_status": result.status, "run_error": result.error, "frozen": len(recorder.environments),
+            "measured_at_s": recorder.measured_at, "db_connections_held": s.get("peak_held_by_frozen"),
+            "zygote_warm_error": info.get("zygote_warm_error"), "run_leftovers": run_leftovers(info.get("run_id", "?"))}
 
 
 def mb_dist(rows: list[dict], key: str) -> dict:
@@ -121,6 +128,8 @@ def mb_dist(rows: list[dict], key: str) -> dict:
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--envs", type=int, default=50)
+    p.add_argument("--settle", type=float, default=1.0,
+                   help="seconds every environment stays frozen before it is measured (default 1)")
     p.add_argument("--workdir", default=None,
                    help="where the environments' log files go (default: a scratch directory under benchmarks/)")
     args = p.parse_args()
@@ -129,17 +138,12 @@ def main() -> None:
     log(f"floor: {args.envs} bare forks of a preloaded, gc-frozen interpreter")
     fl = floor(args.envs)
     with Workdir(args.workdir) as tmp:
-        handler = tmp / "trivial_handler.py"
-        handler.write_text("def handler(event, context):\n    return None\n")
         log(f"idle: {args.envs} environments, trivial handler")
-        idle = frozen_environments(f"{handler}:handler", args.envs, tmp, {})
+        idle = frozen_environments(write_handler(tmp, "trivial_handler", TRIVIAL_HANDLER), args.envs, tmp,
+                                   args.settle)
         log(f"pooled: {args.envs} environments, workloads.sqlalchemy_pool (WORK_SECONDS=0), embedded PostgreSQL")
-        db = PostgresServer(provider="embedded", run_id=f"bench-memory-{os.getpid()}")
-        try:
-            pooled = frozen_environments("workloads.sqlalchemy_pool:handler", args.envs, tmp,
-                                         {"work_s": 0.0, "pool_max": 5}, db=db)
-        finally:
-            db.stop()
+        pooled = frozen_environments("workloads.sqlalchemy_pool:handler", args.envs, tmp, args.settle,
+                                     work_s=0.0, pool_max=5)
     left = leftovers()
 
     f_uss, f_pss = mb_dist(fl["children"], "uss"), mb_dist(fl["children"], "pss")
@@ -149,9 +153,13 @@ def main() -> None:
         "benchmark": "memory",
         "machine": info,
         "envs": args.envs,
-        "idle": {"uss_mb": i_uss, "pss_mb": i_pss, "rss_mb": i_rss, "statuses": idle["statuses"],
+        "idle": {"frozen_measured": idle["frozen"], "run_status": idle["run_status"],
+                 "run_leftovers": idle["run_leftovers"], "uss_mb": i_uss, "pss_mb": i_pss, "rss_mb": i_rss,
+                 "statuses": idle["statuses"],
                  "zygote_mb": {k: round(v / MB, 2) for k, v in idle["zygote"].items()}},
-        "pooled_connection": {"uss_mb": p_uss, "pss_mb": p_pss, "rss_mb": p_rss, "statuses": pooled["statuses"],
+        "pooled_connection": {"frozen_measured": pooled["frozen"], "run_status": pooled["run_status"],
+                              "run_leftovers": pooled["run_leftovers"], "uss_mb": p_uss, "pss_mb": p_pss,
+                              "rss_mb": p_rss, "statuses": pooled["statuses"],
                               "db_connections_held": pooled["db_connections_held"],
                               "zygote_warm_error": pooled["zygote_warm_error"],
                               "zygote_mb": {k: round(v / MB, 2) for k, v in pooled["zygote"].items()}},
@@ -185,11 +193,16 @@ def main() -> None:
         f"frozen environments: {pooled['db_connections_held']}; zygote warm-up: "
         f"{pooled['zygote_warm_error'] or 'ok'}"
         f"\nratio USS to floor: idle {result['ratio_idle_uss_p50']}x, pooled {result['ratio_pooled_uss_p50']}x"
-        f"\ntargets: idle USS <= {TARGET_IDLE_MB} MB -> {'PASS' if t['pass_idle'] else 'FAIL'} (median), "
-        f"{'PASS' if t['pass_idle_every_env'] else 'FAIL'} (every environment); "
-        f"pooled USS <= {TARGET_POOLED_MB} MB -> {'PASS' if t['pass_pooled'] else 'FAIL'} (median), "
-        f"{'PASS' if t['pass_pooled_every_env'] else 'FAIL'} (every environment)"
+        f"\ntargets: idle USS <= {TARGET_IDLE_MB} MB -> {verdict(t['pass_idle'])} (median), "
+        f"{verdict(t['pass_idle_every_env'])} (every environment); "
+        f"pooled USS <= {TARGET_POOLED_MB} MB -> {verdict(t['pass_pooled'])} (median), "
+        f"{verdict(t['pass_pooled_every_env'])} (every environment)"
+        f"\nenvironments measured (frozen): idle {idle['frozen']}, pooled {pooled['frozen']}; runs: idle "
+        f"{idle['run_status']} {idle['run_error']}, pooled {pooled['run_status']} {pooled['run_error']}"
     )
+    for name, r in (("idle", idle), ("pooled", pooled)):
+        if r["run_leftovers"]:
+            text += f"\nLEFT BY THE {name.upper()} RUN:\n" + "\n".join(r["run_leftovers"])
     if left:
         text += "\nLEFTOVER PROCESSES:\n" + "\n".join(left)
     emit(args, result, text)

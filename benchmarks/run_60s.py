@@ -1,8 +1,11 @@
 """End-to-end: `lambdaemu run --duration 60 --rps 167 --pool-max 5` wall time, as a user runs it.
 
-Figure: wall-clock time of the real `lambdaemu` command as a subprocess, from exec to exit, including the
-embedded PostgreSQL's start and teardown, environment shutdown, summary and chart; plus the run's own
-figures from summary.json (achieved rps, peak connections, errors) and run.json (load window).
+Figure: wall-clock time of the real `lambdaemu` command (this checkout's, installed next to the
+interpreter running this script) as a subprocess, from exec to exit, including the embedded
+PostgreSQL's start and teardown, environment shutdown, summary and chart; plus the run's own figures from
+summary.json (achieved rps, peak connections, errors, fidelity) and run.json (load window), and what the
+run left behind (nothing may remain: processes labelled with its run id, its servers, its work
+directories).
 
 Floor: the run's own load window (--duration): the part of the wall time that is the requested load; the
 rest is the emulator's fixed cost (start, drain, teardown, writing results).
@@ -15,20 +18,13 @@ Target (issue): finishes within 70 s wall, including database start and teardown
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import time
 
-from _common import REPO, CpuAccount, Workdir, emit, leftovers, log, parser, prepare, ratio, table
+from _common import (Workdir, emit, leftovers, parser, prepare, ratio, run_lambdaemu, run_leftovers, table, trouble,
+                     verdict)
 
 TARGET_WALL_S = 70.0
-
-
-def lambdaemu() -> list[str]:
-    """The installed `lambdaemu` console script (falls back to `python -m emulator.cli`)."""
-    found = shutil.which("lambdaemu")
-    return [found] if found else [sys.executable, "-m", "emulator.cli"]
 
 
 def main() -> None:
@@ -45,35 +41,28 @@ def main() -> None:
     info = prepare(args)
 
     with Workdir(args.workdir) as tmp:
-        out = tmp / "run"
-        argv = lambdaemu() + ["run", "--duration", args.duration, "--rps", args.rps, "--pool-max", args.pool_max,
-                              "--out", str(out), *args.extra]
-        log("running: " + " ".join(argv))
+        flags = ["--duration", args.duration, "--rps", args.rps, "--pool-max", args.pool_max, *args.extra]
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.background_load)]
-        account = CpuAccount()
-        t0 = time.monotonic()
         try:
-            proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+            out = run_lambdaemu(flags, tmp / "run")
         finally:
-            wall = time.monotonic() - t0
             for hog in hogs:
                 hog.kill()
                 hog.wait()
-        cpu = account.stop()
-        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-        run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    run, summary = out["run"], out["summary"]
+    by_run = run_leftovers(run.get("run_id", "?"))
     left = leftovers()
 
     duration = float(args.duration)
+    wall = out["wall_s"]
     errors = summary.get("errors", {})
     result = {
         "benchmark": "run_60s",
         "machine": info,
-        "command": "lambdaemu run --duration {} --rps {} --pool-max {} --out <tmp>{}".format(
-            args.duration, args.rps, args.pool_max, "".join(" " + a for a in args.extra)),
+        "command": "lambdaemu run {} --out <tmp>".format(" ".join(flags)),
         "background_load_processes": args.background_load,
-        "exit_code": proc.returncode,
-        "wall_s": round(wall, 2),
+        "exit_code": out["exit_code"],
+        "wall_s": wall,
         "floor_load_window_s": duration,
         "overhead_s": round(wall - duration, 2),
         "ratio": ratio(wall, duration),
@@ -83,41 +72,41 @@ def main() -> None:
         "summary": {k: summary.get(k) for k in (
             "target_rps", "achieved_rps", "arrival_rps", "invocations", "ok", "cold_starts", "throttles",
             "errors", "peak_connections", "max_connections", "peak_environments", "latency_ms",
-            "dispatch_lag_ms", "init_ms")},
-        "cpu_account": cpu,
-        "target": {"wall_s_max": TARGET_WALL_S, "pass": wall <= TARGET_WALL_S and proc.returncode == 0},
-        "stderr_tail": proc.stderr[-1500:] if proc.returncode else "",
+            "dispatch_lag_ms", "init_ms", "fidelity")},
+        "cpu_account": out["cpu_account"],
+        "target": {"wall_s_max": TARGET_WALL_S, "pass": wall <= TARGET_WALL_S and out["exit_code"] == 0},
+        "stderr_tail": out["stderr_tail"],
+        "run_leftovers": by_run,
         "leftover_processes": left,
     }
+    lag = summary.get("dispatch_lag_ms") or {}
     rows = [
-        ["wall time, exec to exit (s)", result["wall_s"]],
+        ["wall time, exec to exit (s)", wall],
         ["floor: requested load window --duration (s)", duration],
         ["fixed cost: wall - duration (s)", result["overhead_s"]],
         ["load started at (s after the run's t0)", run.get("load_start_s")],
-        ["exit code / run status", f"{proc.returncode} / {run.get('status')}"],
+        ["exit code / run status", f"{out['exit_code']} / {run.get('status')}"],
         ["achieved rps (target)", f"{summary.get('achieved_rps')} ({summary.get('target_rps')})"],
         ["invocations / ok / cold starts", f"{summary.get('invocations')} / {summary.get('ok')} / "
                                            f"{summary.get('cold_starts')}"],
         ["errors", json.dumps(errors)],
         ["throttles", json.dumps(summary.get("throttles"))],
         ["peak connections / max_connections", f"{summary.get('peak_connections')} / {summary.get('max_connections')}"],
-        ["peak environments", summary.get("peak_environments")],
+        ["peak environments (ideal)", f"{summary.get('peak_environments')} "
+                                      f"({(summary.get('fidelity') or {}).get('ideal_peak_environments')})"],
         ["latency ms p50 / p99", f"{(summary.get('latency_ms') or {}).get('p50')} / "
                                  f"{(summary.get('latency_ms') or {}).get('p99')}"],
-        ["dispatch lag ms p50 / p99", f"{(summary.get('dispatch_lag_ms') or {}).get('p50')} / "
-                                      f"{(summary.get('dispatch_lag_ms') or {}).get('p99')}"],
+        ["dispatch lag ms p50 / p99 / max", f"{lag.get('p50')} / {lag.get('p99')} / {lag.get('max')}"],
     ]
     text = table(rows, ["run_60s", "value"])
     if args.background_load:
         text += f"\n\nSTRESS VARIANT: {args.background_load} busy-looping processes ran alongside"
+    cpu = out["cpu_account"]
     text += (f"\n\nratio wall / load window: {result['ratio']}x"
-             f"\ntarget: wall <= {TARGET_WALL_S:g} s -> {'PASS' if result['target']['pass'] else 'FAIL'}")
-    text += (f"\nCPU during the run (core-s): lambdaemu and its children {cpu['descendants_cpu_s']}, "
+             f"\ntarget: wall <= {TARGET_WALL_S:g} s -> {verdict(result['target']['pass'])}"
+             f"\nCPU during the run (core-s): lambdaemu and its children {cpu['descendants_cpu_s']}, "
              f"other processes on the machine {cpu['others_cpu_s']} ({cpu['others_pct_of_machine']}% of all CPUs)")
-    if proc.returncode:
-        text += "\nlambdaemu stderr (tail):\n" + proc.stderr[-1500:]
-    if left:
-        text += "\nLEFTOVER PROCESSES:\n" + "\n".join(left)
+    text += trouble(out["stderr_tail"], by_run, left)
     emit(args, result, text)
 
 

@@ -51,7 +51,7 @@ def test_pgbouncer_max_connections_percent_50_caps_server_connections(tmp_path):
     # 10 server connections serve 100 req/s of 100 ms queries; at 70 req/s Poisson bursts still create
     # more than 10 environments, each keeping its client connection while frozen.
     s = full_run(tmp_path, proxy="pgbouncer", max_connections=20, proxy_max_connections_percent=50,
-                 rps=70, duration_s=4, work_s=0.1, sample_interval_s=0.1)
+                 rps=70, duration_s=4, work_s=0.1, sample_interval_s=0.1, timeout_s=10)
     assert s.result.status == "complete"
     assert s.summary["errors"]["total"] == 0, s.summary["first_error"]
     servers = [int(r["proxy_servers"]) for r in s.samples if r["proxy_servers"]]
