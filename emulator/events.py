@@ -12,21 +12,27 @@ from typing import Any, Callable
 
 
 class EventHook:
-    """A list of listeners called in order with keyword arguments."""
+    """A list of listeners called in order with keyword arguments: `hook.fire(**kwargs)`."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._listeners: list[Callable[..., Any]] = []
+        # Events fire several times per invocation: one nobody listens to costs a no-op call only.
+        self.fire = self._nobody
 
     def add_listener(self, listener: Callable[..., Any]) -> Callable[..., Any]:
         """Subscribe; returns the listener so it can be used as a decorator."""
         self._listeners.append(listener)
+        self.fire = self._everyone
         return listener
 
-    def fire(self, **kwargs: Any) -> None:
+    def _everyone(self, **kwargs: Any) -> None:
         """Call every listener with `kwargs`."""
         for listener in self._listeners:
             listener(**kwargs)
+
+    def _nobody(self, **kwargs: Any) -> None:
+        pass
 
 
 class Events:

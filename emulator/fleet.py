@@ -7,6 +7,10 @@ there is no name to leak in /dev/shm when a run is killed. Writes are single ali
 sees each value whole; a sample may see an environment a moment before or after a transition, which is
 the resolution of sampling anyway.
 
+Each environment's state is written as it changes (one byte: two writes per invocation, thaw and freeze).
+The counters are kept as Python integers by `FleetRecorder` and published every 100 ms (`publish`): a
+write to shared memory per event would cost the loop more than everything else it does per invocation.
+
 The table has `CAPACITY` slots indexed by `env_id % CAPACITY`, each carrying its environment's id, so a
 reader can tell a slot's current owner. More than `CAPACITY` environments alive at once (vanished ones
 included) is beyond what one machine can hold.
@@ -79,32 +83,19 @@ class FleetState:
             pass
 
     # -- writer side (the supervisor's listeners) ------------------------------------------------------
-    def bump(self, counter: str, function: int, delta: int = 1) -> None:
-        """Add `delta` to a counter of function `function` (index) and of the run."""
-        i = _C[counter]
-        self.counters[i] += delta
-        self.counters[(function + 1) * self._width + i] += delta
-
     def set_state(self, env_id: int, function: int, state: str | None, pid: int = 0) -> None:
-        """Record an environment's state (None: ended), keeping the per-state counters in step."""
+        """Record an environment's state (None: ended)."""
         slot = env_id % self.capacity
-        code = STATE_CODES[state] if state else 0
-        old = self.states[slot] if self.ids[slot] == env_id else 0
-        if old == code:
-            if pid:
-                self.pids[slot] = pid
-            return
-        if old:
-            self.bump(STATE_NAMES[old], function, -1)
         if self.ids[slot] != env_id:
+            if not state:
+                return  # not (any more) in the table
             self.ids[slot] = env_id
             self.funcs[slot] = function
             self.released[slot] = 0
-        if pid:
             self.pids[slot] = pid
-        self.states[slot] = code  # last: a reader never sees a new state with an old owner
-        if code:
-            self.bump(STATE_NAMES[code], function, 1)
+        elif pid:
+            self.pids[slot] = pid
+        self.states[slot] = STATE_CODES[state] if state else 0  # last: a reader never sees a new state with an old owner
 
     def set_pid(self, env_id: int, pid: int) -> None:
         """The environment's process id became known."""
@@ -147,6 +138,14 @@ class FleetState:
         if self.ids[slot] == env_id and self.states[slot] == STATE_CODES["vanished"]:
             self.released[slot] = 1
 
+    def write_counters(self, rows: list[list[int]]) -> None:
+        """Copy the counters (row 0: the run; row 1 + i: function i; COUNTERS order) into shared memory."""
+        counters, width = self.counters, self._width
+        for r, row in enumerate(rows):
+            base = r * width
+            for i, value in enumerate(row):
+                counters[base + i] = value
+
     def publish(self, **values: int) -> None:
         """Sampler → display: the latest figures (names from DISPLAY)."""
         for name, value in values.items():
@@ -158,11 +157,14 @@ class FleetState:
 
 
 class FleetRecorder:
-    """Keeps a `FleetState` in step with the supervisor's events."""
+    """Keeps a `FleetState` in step with the supervisor's events: states as they change, counters (kept
+    here as integers) when `publish()` is called (the runner calls it every 100 ms and at the end)."""
 
     def __init__(self, fleet: FleetState, events: Any, function_index: dict[str, int]) -> None:
         self.fleet = fleet
         self.index = function_index
+        self.rows = [[0] * len(COUNTERS) for _ in range(len(function_index) + 1)]
+        self._states: dict[int, str] = {}  # env id → the state it is counted under
         events.env_spawn.add_listener(self._on_spawn)
         events.env_started.add_listener(lambda env: env.probe or fleet.set_pid(env.id, env.pid))
         events.env_ready.add_listener(lambda env: self._state(env, "serving" if env.function.service else "busy"))
@@ -173,36 +175,51 @@ class FleetRecorder:
         events.env_end.add_listener(self._on_end)
         events.invocation_end.add_listener(self._on_invocation)
 
+    def publish(self) -> None:
+        """Write the counters to shared memory."""
+        self.fleet.write_counters(self.rows)
+
+    def _add(self, counter: int, f: int, delta: int = 1) -> None:
+        self.rows[0][counter] += delta
+        self.rows[f + 1][counter] += delta
+
     def _state(self, env: Any, state: str | None) -> None:
-        if not env.probe:
-            self.fleet.set_state(env.id, self.index[env.function.name], state)
+        if env.probe:
+            return
+        f = self.index[env.function.name]
+        old = self._states.pop(env.id, None)
+        if old is not None:
+            self._add(_C[old], f, -1)
+        if state:
+            self._states[env.id] = state
+            self._add(_C[state], f)
+        self.fleet.set_state(env.id, f, state)
 
     def _on_spawn(self, env: Any) -> None:
         if env.probe:
             return
-        f = self.index[env.function.name]
-        self.fleet.bump("environments_started", f)
+        self._add(_C["environments_started"], self.index[env.function.name])
         # A service's instances are its servers from the start: never a Lambda environment initialising.
-        self.fleet.set_state(env.id, f, "serving" if env.function.service else "initialising")
+        self._state(env, "serving" if env.function.service else "initialising")
 
     def _on_end(self, env: Any) -> None:
         if env.probe:
             return
-        f = self.index[env.function.name]
-        self.fleet.set_state(env.id, f, None)
-        self.fleet.bump("environments_ended", f)
+        self._state(env, None)
+        self._add(_C["environments_ended"], self.index[env.function.name])
 
     def _on_invocation(self, invocation: Any) -> None:
         if invocation.probe:
             return
-        fleet, f = self.fleet, self.index[invocation.function]
-        fleet.bump("invocations", f)
+        f = self.index[invocation.function]
         status = invocation.status
-        if status == "ok":
-            fleet.bump("ok", f)
-        elif status == "throttled":
-            fleet.bump("throttles", f)
-        else:
-            fleet.bump("errors", f)
-        if invocation.cold:
-            fleet.bump("cold_starts", f)
+        counter = _OK if status == "ok" else (_THROTTLES if status == "throttled" else _ERRORS)
+        for row in (self.rows[0], self.rows[f + 1]):
+            row[_INVOCATIONS] += 1
+            row[counter] += 1
+            if invocation.cold:
+                row[_COLD] += 1
+
+
+_INVOCATIONS, _OK, _THROTTLES, _ERRORS, _COLD = (_C[n] for n in ("invocations", "ok", "throttles", "errors",
+                                                                 "cold_starts"))

@@ -171,21 +171,20 @@ class Account:
         self.clock = clock
         self.functions: dict[str, FunctionPolicy] = {}
         self.unreserved_in_flight = 0
+        #: Concurrency the functions without a reservation share (kept up to date by add_function: it
+        #: is read for every invocation).
+        self.unreserved_limit = concurrency_limit
 
     @property
     def reserved_total(self) -> int:
         """Concurrency carved out by reservations."""
         return sum(f.reserved or 0 for f in self.functions.values())
 
-    @property
-    def unreserved_limit(self) -> int:
-        """Concurrency the functions without a reservation share."""
-        return self.concurrency_limit - self.reserved_total
-
     def add_function(self, name: str, *, reserved: int | None, scale_rate: tuple[int, float]) -> FunctionPolicy:
         """Register a function (call `check_reservations` once all are added)."""
         policy = FunctionPolicy(name, self, reserved=reserved, scale_rate=scale_rate, clock=self.clock)
         self.functions[name] = policy
+        self.unreserved_limit = self.concurrency_limit - self.reserved_total
         return policy
 
     def in_flight(self) -> int:

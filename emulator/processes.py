@@ -93,3 +93,16 @@ def identity_alive(identity: object) -> bool:
         return same and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
         return False
+
+
+def lower_priority(nice: int) -> None:
+    """Run this process (and what it starts) at scheduling priority `nice`: its own nice value, and, on
+    kernels that schedule by session (autogroup: /proc/sys/kernel/sched_autogroup_enabled), its
+    session's, since there the CPU is shared between sessions first and a process's nice value only
+    counts within its own session. Lowering is always allowed; a kernel without autogroups has no file."""
+    os.nice(nice)
+    try:
+        with open("/proc/self/autogroup", "w") as fh:
+            fh.write(str(nice))
+    except OSError:
+        pass

@@ -74,11 +74,13 @@ def read_report(sock: socket.socket) -> tuple | None:
     """Receive one message from an environment and check it. Returns None on EOF (the process closed its
     end or died); raises ProtocolError for anything that is not a valid message."""
     data, _, flags, _ = sock.recvmsg(MAX_MESSAGE)
-    if not data and not flags & socket.MSG_TRUNC:
-        return None
-    if flags & socket.MSG_TRUNC:
+    if flags & _MSG_TRUNC:
         raise ProtocolError(f"message larger than {MAX_MESSAGE} bytes")
-    return decode_report(data)
+    return decode_report(data) if data else None
+
+
+#: As a plain int: the enum's `&` costs more than the rest of reading a message.
+_MSG_TRUNC = int(socket.MSG_TRUNC)
 
 
 def decode_report(data: bytes) -> tuple:
@@ -90,6 +92,14 @@ def decode_report(data: bytes) -> tuple:
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise ProtocolError("not a message (expected a list starting with its kind)")
     kind = message[0]
+    if kind == "result" and len(message) == 7:
+        # The message of every invocation, checked inline (the same checks as its shape below).
+        _, request_id, status, error_kind, error_type, text, duration = message
+        if (type(request_id) is str and len(request_id) <= 64 and status in REPORTED_STATUSES
+                and error_kind in _KINDS and type(error_type) is str and len(error_type) <= TEXT_LIMIT
+                and type(text) is str and len(text) <= TEXT_LIMIT and type(duration) in (int, float)
+                and 0 <= duration < math.inf):
+            return tuple(message)
     shape = _SHAPES.get(kind)
     if shape is None:
         raise ProtocolError(f"unknown message kind {clip(kind, 40)!r}")

@@ -93,15 +93,28 @@ def _fmt(value: Any) -> Any:
     return "" if value is None else value
 
 
-def invocation_row(inv: Any) -> list[Any]:
-    """A row of invocations.csv from a supervisor `Invocation`."""
+def _text(value: str) -> str:
+    # CSV quoting as the csv module does it (minimal), for the few free-text fields of a row.
+    if "," in value or '"' in value or "\n" in value or "\r" in value:
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def invocation_line(inv: Any) -> str:
+    """A line of invocations.csv from a supervisor `Invocation` (built in one expression: one is written
+    per invocation, in the supervisor's loop)."""
     throttled = inv.status == "throttled"
-    return [_fmt(v) for v in (
-        inv.seq, inv.request_id, inv.function, inv.scheduled, inv.start, inv.end,
-        (inv.start - inv.scheduled) * 1000, None if throttled else (inv.end - inv.scheduled) * 1000,
-        inv.env_id, inv.env_pid, inv.cold, inv.init_ms, inv.duration_ms, inv.status, inv.error_kind,
-        inv.error_type, inv.cause, inv.absorbed, inv.throttle_reason, inv.message.replace("\n", " ")[:500],
-    )]
+    latency = "" if throttled else f"{(inv.end - inv.scheduled) * 1000:.3f}"
+    message = _text(inv.message.replace("\n", " ")[:500]) if inv.message else ""
+    return (f"{inv.seq},{inv.request_id},{_text(inv.function)},{inv.scheduled:.3f},{inv.start:.3f},{inv.end:.3f},"
+            f"{(inv.start - inv.scheduled) * 1000:.3f},{latency},{'' if inv.env_id is None else inv.env_id},"
+            f"{'' if inv.env_pid is None else inv.env_pid},{int(inv.cold)},{_ms(inv.init_ms)},{_ms(inv.duration_ms)},"
+            f"{inv.status},{inv.error_kind},{_text(inv.error_type)},{inv.cause},{inv.absorbed},{inv.throttle_reason},"
+            f"{message}\r\n")
 
 
 def environment_row(env: Any) -> list[Any]:
@@ -124,10 +137,15 @@ class CsvWriter:
         self._csv.writerow(columns)
         self._fh.flush()
         self._pending: list[list[Any]] = []
+        self._lines: list[str] = []
 
     def write(self, row: list[Any]) -> None:
         """Queue a row."""
         self._pending.append(row)
+
+    def write_line(self, line: str) -> None:
+        """Queue a row already formatted as a CSV line (ending in \\r\\n, as the csv module writes)."""
+        self._lines.append(line)
 
     def flush(self) -> None:
         """Write the queued rows and hand them to the operating system."""
@@ -135,6 +153,9 @@ class CsvWriter:
             if self._pending:
                 self._csv.writerows(self._pending)
                 self._pending.clear()
+            if self._lines:
+                self._fh.write("".join(self._lines))
+                self._lines.clear()
             self._fh.flush()
 
     def close(self) -> None:

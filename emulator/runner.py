@@ -35,7 +35,7 @@ from .janitor import Janitor
 from .loop import Loop
 from . import runtimes as runtime_commands
 from .runtimes import RuntimeCommand, runtime_family
-from .results import (RunDirectory, check_run_dir, environment_row, host_info, invocation_row, new_run_id, versions,
+from .results import (RunDirectory, check_run_dir, environment_row, host_info, invocation_line, new_run_id, versions,
                       write_summary_and_chart)
 from .sampler import SamplerConfig, SamplerProcess
 from .scenario import Scenario, target_rate
@@ -43,6 +43,8 @@ from .supervisor import Supervisor
 from .thresholds import THRESHOLD_EXIT, parse_threshold
 from .zygote import ZygoteClient
 
+#: How often the counters reach the sampler and the display.
+PUBLISH_S = 0.1
 #: Signals that stop a run (SIGHUP: the terminal went away).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -228,9 +230,9 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
 
     events = Events()
     fleet = FleetState(names)
-    FleetRecorder(fleet, events, {name: i for i, name in enumerate(names)})
+    recorder = FleetRecorder(fleet, events, {name: i for i, name in enumerate(names)})
     events.invocation_end.add_listener(
-        lambda invocation: invocation.probe or results.invocations.write(invocation_row(invocation)))
+        lambda invocation: invocation.probe or results.invocations.write_line(invocation_line(invocation)))
     events.env_end.add_listener(lambda env: env.probe or results.environments.write(environment_row(env)))
     loop = Loop()
     janitor = Janitor(run_id, run_dir, results.logs / "janitor.log")
@@ -315,6 +317,12 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
 
         if signals.received:
             supervisor.request_stop(signals.received[0])
+
+        def publish() -> None:
+            recorder.publish()
+            loop.call_later(PUBLISH_S, publish)
+
+        publish()
         supervisor.run(on_tick=tick)
         status = "interrupted" if supervisor.stop_requested is not None else "complete"
     except RunInterrupted:
@@ -339,6 +347,7 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
                     # is the drain); a given schedule, or an interrupted run, ends where it ended.
                     elapsed = supervisor.now() - results.run_info["load_start_s"]
                     load_window = min(elapsed, scenario.duration_s) if arrivals is None else elapsed
+                recorder.publish()  # the last sample sees every count
                 _clean_up(supervisor, zygote, sampler, db if database is None else None, signals)
                 break
             except RunInterrupted:

@@ -261,7 +261,12 @@ class _Sampler:
                    held_vanished=held["vanished"], held_serving=held["serving"], held_unknown=held["unknown"])
         self._release_vanished(envs, owners)
 
+        # Environments by state from the table just read (the counters are published every 100 ms; the
+        # table is current).
+        by_state: Counter[tuple[int, str]] = Counter((func, state) for _, func, state in envs.values())
         totals = fleet.totals()
+        for state in ("initialising", "busy", "frozen", "vanished", "serving"):
+            totals[state] = sum(n for (_, st), n in by_state.items() if st == state)
         t_s = round(answered - self.config.t0, 3)
         self.samples += 1
         row.update(t_s=t_s, sample_ms=round((answered - queried) * 1000, 1), samples_missed=self.missed,
@@ -276,6 +281,8 @@ class _Sampler:
         self._samples_fh.flush()
         for index, name in enumerate(self.config.functions):
             f = fleet.totals(index)
+            for state in ("initialising", "busy", "frozen", "vanished", "serving"):
+                f[state] = by_state.get((index, state), 0)
             self._functions_csv.writerow([
                 t_s, name, f["initialising"] + f["busy"] + f["frozen"], f["busy"], f["frozen"], f["initialising"],
                 f["vanished"], f["busy"] + f["initialising"], f["invocations"], f["throttles"], f["errors"],

@@ -43,6 +43,7 @@ from .zygote import ZygoteClient
 INITIALISING, BUSY, FROZEN, VANISHED, ENDED = "initialising", "busy", "frozen", "vanished", "ended"
 #: A service instance once ready: serving, never frozen.
 SERVING = "serving"
+_RUNNING = (INITIALISING, BUSY)  # states that hold concurrency
 LIVE_STATES = (INITIALISING, BUSY, FROZEN)
 
 #: How long the shutdown waits for environments to exit after SIGTERM before SIGKILL.
@@ -57,7 +58,7 @@ class ZygoteGone(LambdaemuError):
     """The environment zygote exited: no environment can be started, so the run ends."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Invocation:
     """One arrival and what became of it. Times are seconds from the run's t0."""
 
@@ -85,7 +86,7 @@ class Invocation:
     timer: Timer | None = None  # a service request's timeout
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Environment:
     """The supervisor's record of one execution environment process."""
 
@@ -114,7 +115,6 @@ class Environment:
     #: The Runtime API endpoint of an environment whose runtime is a program of its own (Node.js, ...).
     endpoint: Any = None
     sent_at: float = 0.0  # clock time the current invocation was handed over
-    timeout_timer: Timer | None = None
     timers: tuple[Timer, ...] = ()
     recycle: bool = False
     oom: bool = False
@@ -141,6 +141,7 @@ class Function:
         self.service = config.service
         self.instances: list[Environment] = []
         self.queue: deque[Invocation] = deque()  # a service's requests waiting for a free thread
+        self.timeouts: _Deadlines | None = None  # set by the supervisor
         self.timeout_message = f"Task timed out after {config.timeout_s:g} seconds"
         self.init_timeout_message = f"init phase exceeded {config.init_limit_s:g} seconds"
 
@@ -178,6 +179,8 @@ class Supervisor:
                                                scale_rate=config.scale_rate)
             self.functions.append(Function(index, config, policy, self.rng))
         self.by_name = {f.name: f for f in self.functions}
+        for function in self.functions:
+            function.timeouts = _Deadlines(self.loop, self._invocation_timeout)
         self._envs: dict[int, Environment] = {}  # live and vanished environments by id
         self._by_pid: dict[int, Environment] = {}
         self._env_ids = itertools.count(1)
@@ -190,6 +193,8 @@ class Supervisor:
         self.peak_environments = 0
         self.shutting_down = False
         self._streams: list[_ArrivalStream] = []
+        self._open_streams = 0  # streams with arrivals still to dispatch
+        self._open_requests = 0  # service requests arrived and not finished
         self._vanished: dict[int, Environment] = {}
 
     # ------------------------------------------------------------------------------------------------
@@ -333,18 +338,18 @@ class Supervisor:
         function. Each arrival is dispatched by the loop when it falls due (open loop)."""
         stream = _ArrivalStream(self, self.by_name[function], arrivals, load_start)
         self._streams.append(stream)
+        if not stream.done:
+            self._open_streams += 1
         stream.schedule()
 
     def arrivals_pending(self) -> bool:
         """Whether any scheduled arrival has not been dispatched yet."""
-        return any(not s.done for s in self._streams)
+        return self._open_streams > 0
 
     def in_flight(self) -> int:
-        """Invocations running now: each holds one environment (busy or initialising), or a service's
-        thread, or waits in a service's queue."""
-        services = sum(len(env.requests or ()) for f in self.functions if f.service for env in f.instances)
-        queued = sum(len(f.queue) for f in self.functions)
-        return self.counts[BUSY] + self.counts[INITIALISING] + services + queued
+        """Invocations running now: each holds one environment (busy or initialising), or is a service's
+        request not answered yet (running in one of its threads, or queued for one)."""
+        return self.counts[BUSY] + self.counts[INITIALISING] + self._open_requests
 
     def run(self, *, on_tick: Callable[[], None] | None = None, tick_s: float = 0.5,
             until_s: float | None = None) -> None:
@@ -352,9 +357,11 @@ class Supervisor:
         until that many seconds since t0), a stop is requested, or the run cannot go on."""
         ticker = _Ticker(self.loop, on_tick, tick_s)
         try:
+            counts = self.counts
             while self.stop_requested is None and self.fatal_error is None:
                 if until_s is None:
-                    if not self.arrivals_pending() and self.in_flight() == 0:
+                    if (not self._open_streams and not counts[BUSY] and not counts[INITIALISING]
+                            and not self._open_requests):
                         break
                 elif self.now() >= until_s:
                     break
@@ -452,12 +459,13 @@ class Supervisor:
                 env.sock.send(encode_invoke(inv.request_id, {"seq": inv.seq}, config.timeout_s * 1000))
             except (OSError, AssertionError):
                 return  # it died; EOF or the zygote's report will finish the invocation as a crash
-        env.timeout_timer = self.loop.call_at(self.clock() + config.timeout_s, self._invocation_timeout, env, inv)
+        env.function.timeouts.add(self.clock() + config.timeout_s, env, inv.seq)
 
     # ------------------------------------------------------------------------------------------------
     # services: long-lived instances serving requests concurrently (the EC2 side)
 
     def _arrive_at_service(self, function: Function, inv: Invocation, now: float) -> None:
+        self._open_requests += 1
         # A request waits at most the timeout, queued or running, as behind a load balancer.
         inv.timer = self.loop.call_at(self.clock() + function.config.timeout_s, self._request_timeout, inv)
         env = self._free_instance(function)
@@ -511,6 +519,7 @@ class Supervisor:
         if inv.timer is not None:
             inv.timer.cancel()
             inv.timer = None
+        self._open_requests -= 1
         if not inv.start:
             inv.start = now
         inv.end = now
@@ -625,20 +634,23 @@ class Supervisor:
             self.fatal_error = ZygoteGone(reason)
 
     def _on_env_readable(self, env: Environment) -> None:
-        while env.sock is not None:
-            try:
-                message = read_report(env.sock)
-            except (BlockingIOError, InterruptedError):
-                return
-            except ProtocolError as exc:
-                self._protocol_error(env, str(exc))
-                return
-            except OSError:
-                message = None
-            if message is None:
-                self._died(env)
-                return
-            self._on_env_message(env, message)
+        # One message per wake-up: epoll is level-triggered, so a second message waiting calls again, and
+        # the usual case (one reply) costs no extra receive that would only fail with EAGAIN.
+        if env.sock is None:
+            return
+        try:
+            message = read_report(env.sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ProtocolError as exc:
+            self._protocol_error(env, str(exc))
+            return
+        except OSError:
+            message = None
+        if message is None:
+            self._died(env)
+            return
+        self._on_env_message(env, message)
 
     def _on_env_message(self, env: Environment, message: tuple) -> None:
         kind = message[0]
@@ -762,9 +774,6 @@ class Supervisor:
         if status == "ok" or inv.cause == kind:
             inv.cause = ""  # absorbed errors that did not make it fail (or say no more than its kind)
         env.current = None
-        if env.timeout_timer is not None:
-            env.timeout_timer.cancel()
-            env.timeout_timer = None
         if status == "ok":
             env.ok += 1
         else:
@@ -850,12 +859,20 @@ class Supervisor:
         self.events.env_vanish.fire(env=env)
 
     def _set_state(self, env: Environment, state: str) -> None:
+        # Twice per invocation (thaw, freeze): the counting is written out rather than called.
         function = env.function
         old = env.state
-        self._count(env, old, -1)
-        self._count(env, state, 1)
-        running_before = old in (INITIALISING, BUSY) and not function.service
-        running_after = state in (INITIALISING, BUSY) and not function.service
+        counts = function.counts
+        counts[old] -= 1
+        counts[state] += 1
+        if function.service:
+            env.state = state
+            return
+        counts = self.counts
+        counts[old] -= 1
+        counts[state] += 1
+        running_before = old in _RUNNING
+        running_after = state in _RUNNING
         if running_before and not running_after:
             function.policy.stopped()
         elif running_after and not running_before:
@@ -901,10 +918,10 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------------
     # deadlines: every one is kept here, never by the environments
 
-    def _invocation_timeout(self, env: Environment, inv: Invocation) -> None:
-        env.timeout_timer = None
-        if env.current is not inv or env.state != BUSY:
-            return
+    def _invocation_timeout(self, env: Environment, seq: int) -> None:
+        inv = env.current
+        if inv is None or inv.seq != seq or env.state != BUSY:
+            return  # finished in time (or the environment went another way)
         # The loop may have run late rather than the invocation: take a reply already waiting (the
         # handler's own duration, checked when the result is read, still decides whether it timed out).
         self._drain(env)
@@ -972,6 +989,7 @@ class _ArrivalStream:
         self.load_start = load_start
         self.next_at = next(arrivals, None)
         self.timer: Timer | None = None
+        self.closed = self.next_at is None
 
     @property
     def done(self) -> bool:
@@ -981,24 +999,61 @@ class _ArrivalStream:
         if self.next_at is not None:
             sup = self.supervisor
             self.timer = sup.loop.call_at(sup.t0 + self.load_start + self.next_at, self._due)
+        elif not self.closed:
+            self.closed = True
+            self.supervisor._open_streams -= 1
 
     def _due(self) -> None:
         sup = self.supervisor
         start = self.load_start
-        deadline = time.monotonic() + ARRIVAL_BATCH_S
-        for _ in range(ARRIVAL_BATCH):
-            if self.next_at is None or start + self.next_at > sup.now():
+        now = sup.now()
+        deadline = now + ARRIVAL_BATCH_S
+        for i in range(1, ARRIVAL_BATCH + 1):
+            if self.next_at is None or start + self.next_at > now:
                 break
             sup._arrive(self.function, start + self.next_at)
             self.next_at = next(self.arrivals, None)
-            if time.monotonic() > deadline:
-                break
+            if not i % 16:  # the clock is read once per arrival at most in a backlog, once per 16 otherwise
+                now = sup.now()
+                if now > deadline:
+                    break
+            elif self.next_at is not None and start + self.next_at > now:
+                now = sup.now()  # the next arrival may have fallen due while this one was dispatched
         self.schedule()
 
     def cancel(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
         self.next_at = None
+        self.schedule()  # counts the stream closed
+
+
+class _Deadlines:
+    """One function's invocation timeouts. Every invocation of a function has the same timeout, so the
+    deadlines come in the order the invocations were sent: a FIFO with a single loop timer for its head
+    replaces a heap entry per invocation. Entries name the environment and the invocation's number, not
+    the invocation, so a finished one is not kept alive; they are dropped when they fall due."""
+
+    def __init__(self, loop: Loop, expired: Callable[[Environment, int], None]) -> None:
+        self.loop = loop
+        self.expired = expired
+        self.entries: deque[tuple[float, Environment, int]] = deque()
+        self.timer: Timer | None = None
+
+    def add(self, deadline: float, env: Environment, seq: int) -> None:
+        self.entries.append((deadline, env, seq))
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self._due)
+
+    def _due(self) -> None:
+        self.timer = None
+        entries = self.entries
+        now = self.loop.time()
+        while entries and entries[0][0] <= now:
+            _, env, seq = entries.popleft()
+            self.expired(env, seq)
+        if entries:
+            self.timer = self.loop.call_at(entries[0][0], self._due)
 
 
 class _Ticker:

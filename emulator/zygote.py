@@ -47,8 +47,8 @@ from typing import Any, Callable
 
 from .environment import ENV_ID_VARIABLE, EnvSpec, environment_main, setup_process
 from .loop import Loop
-from .processes import (child_pythonpath, die_with_parent, set_child_subreaper, set_parent_death_signal, signal_group,
-                        wait_or_kill)
+from .processes import (child_pythonpath, die_with_parent, lower_priority, set_child_subreaper,
+                        set_parent_death_signal, signal_group, wait_or_kill)
 
 #: Libraries imported into the zygote so environments inherit them instead of importing them cold.
 PRELOAD = (
@@ -63,7 +63,7 @@ PRELOAD = (
 
 #: Children kept forked ahead. Each costs about 2.4 MB of private memory; eight cover the start of a
 #: burst while the zygote forks more between requests.
-PARKED_TARGET = 8
+PARKED_TARGET = 64
 #: Largest control message (a pickled EnvSpec with the function's environment variables).
 CONTROL_MESSAGE = 1 << 20
 #: Environment variable naming the run that started a zygote and its environments.
@@ -239,12 +239,17 @@ class _Zygote:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            os.setpgid(0, 0)
+            # A session of our own (its process group too, so the supervisor freezes and kills whatever
+            # the handler starts with it). On kernels that schedule by session (autogroup), a session is
+            # also a scheduling group: sharing the zygote's would let a burst of initialising
+            # environments starve the zygote, and every spawn waiting on it would make more arrivals
+            # ask for environments.
+            os.setsid()
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != self.pid:
                 os._exit(1)  # the zygote died before the death signal was armed
             if self.nice:
-                os.nice(self.nice)
+                lower_priority(self.nice)
             data = sock.recv(CONTROL_MESSAGE)
             if not data:
                 os._exit(0)
