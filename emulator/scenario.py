@@ -145,6 +145,39 @@ def target_rate(config: RunConfig) -> float:
     return round(expected / total, 3)
 
 
+def peak_rate(config: RunConfig) -> float:
+    """The highest arrival rate a configuration asks for at any moment: its profile's top (a replay's
+    busiest second), or --rps."""
+    if not config.profile:
+        return config.rps
+    from .load import parse_profile, read_replay
+
+    top = 0.0
+    for segment in parse_profile(config.profile).segments:
+        if segment.profile == "replay":
+            times = read_replay(Path(segment.path))
+            busiest = max((sum(1 for t in times if s <= t < s + 1) for s in times[:: max(1, len(times) // 200)]),
+                          default=0)
+            top = max(top, float(busiest))
+        else:
+            top = max(top, segment.max_rate())
+    return top
+
+
+def first_burst(scenario: "Scenario") -> int:
+    """About how many environments the load's first burst of cold starts asks for at once: each
+    function's peak rate times how long an invocation holds an environment when it starts cold (its work,
+    the runtime's init delay and a quarter second of init), with a quarter more for Poisson bunching,
+    within its reserved concurrency and the account; plus provisioned environments and service instances."""
+    total = 0
+    for f in scenario.functions:
+        burst = int(peak_rate(f) * (f.work_s + f.init_delay_s + 0.25) * 1.25) + 1
+        if f.reserved_concurrency is not None:
+            burst = min(burst, f.reserved_concurrency)
+        total += min(burst, scenario.run.concurrency_limit) + f.provisioned
+    return total + sum(s.instances for s in scenario.services)
+
+
 def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None,
                   edits: Mapping[str, Any] | None = None) -> Scenario:
     """Read and validate a scenario file; `overrides` are command-line values by RunConfig field (strings

@@ -19,11 +19,13 @@ code never sees this socket, the zygote closes it in every child):
 supervisor → zygote   ("define", function_index, EnvSpec)
                       ("spawn", env_id, function_index, extra_env)
                       ("warm", env_vars)
+                      ("reserve", children)
 zygote → supervisor   ("zygote_ready", pid)
                       ("spawned", env_id, pid) + the environment's channel fd
                       ("spawn_failed", env_id, message)
                       ("exited", pid, wait_status)
                       ("warmed", error or "")
+                      ("reserved", children forked ahead)
 zygote → parked child ("spawn", env_id, EnvSpec, extra_env)
 """
 
@@ -34,6 +36,7 @@ import gc
 import importlib
 import os
 import pickle
+import resource
 import select
 import signal
 import socket
@@ -61,9 +64,13 @@ PRELOAD = (
     "sqlalchemy.dialects.mysql.pymysql",
 )
 
-#: Children kept forked ahead. Each costs about 2.4 MB of private memory; eight cover the start of a
-#: burst while the zygote forks more between requests.
-PARKED_TARGET = 64
+#: Children kept forked ahead at the least. Each costs about 2.4 MB of private memory. Before the load
+#: the runner asks for as many as the load's first burst of cold starts needs (`ZygoteClient.reserve`):
+#: during a burst the zygote competes for the CPU with every environment initialising, and a fork that
+#: waits for it delays a cold start the environment itself never saw.
+PARKED_TARGET = 8
+#: The most children a reserve keeps forked ahead (about 2.5 GB of private memory).
+RESERVE_MAX = 1024
 #: Largest control message (a pickled EnvSpec with the function's environment variables).
 CONTROL_MESSAGE = 1 << 20
 #: Environment variable naming the run that started a zygote and its environments.
@@ -127,6 +134,7 @@ class _Zygote:
         self.specs: dict[int, EnvSpec] = {}
         self.parked: deque[tuple[int, socket.socket]] = deque()
         self.parked_target = PARKED_TARGET
+        self.reserve_pending = False
         self.envs: dict[int, int] = {}  # pid → env id of environments handed out and not yet reaped
         self.pid = os.getpid()
 
@@ -143,6 +151,9 @@ class _Zygote:
             if not events and len(self.parked) < self.parked_target:
                 if not self._prefork_quietly():
                     self.parked_target = len(self.parked)  # out of processes: stop trying until reaped
+            if self.reserve_pending and len(self.parked) >= self.parked_target:
+                self.reserve_pending = False
+                self._blocking_send(("reserved", len(self.parked)))
 
     def _drain_wakeup(self) -> None:
         try:
@@ -169,6 +180,9 @@ class _Zygote:
             self.specs[message[1]] = message[2]
         elif kind == "spawn":
             self._spawn(message[1], self.specs[message[2]], message[3])
+        elif kind == "reserve":
+            self.parked_target = max(PARKED_TARGET, min(RESERVE_MAX, message[1]))
+            self.reserve_pending = True
         elif kind == "warm":
             try:
                 warm_drivers(message[1])
@@ -280,7 +294,6 @@ class _Zygote:
                     break
             self.envs.pop(pid, None)
             reaped = True
-            self.parked_target = PARKED_TARGET
             self._blocking_send(("exited", pid, status))
         if reaped:
             # An environment ended, or a process it left behind was re-parented here and exited.
@@ -345,6 +358,10 @@ def zygote_main(control_fd: int, nice: int = 0) -> None:
     """Preload libraries, then fork an environment for every spawn request until the supervisor leaves."""
     set_parent_death_signal(signal.SIGKILL)
     set_child_subreaper()
+    # Two descriptors per child forked ahead: allow as many as the system lets this process have.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # Ctrl-C and a closed terminal are the supervisor's to handle
     for name in PRELOAD:
@@ -418,6 +435,15 @@ class ZygoteClient:
         _send(self.sock, ("warm", env_vars))
         message = self._wait_for("warmed", timeout_s)
         return f"the zygote did not answer within {timeout_s:g}s" if message is None else message[1]
+
+    def reserve(self, children: int, timeout_s: float = 60.0) -> int:
+        """Have the zygote fork `children` children ahead (at most RESERVE_MAX) and wait until it has;
+        returns how many it holds (fewer when the system would not give it more processes in time).
+        Call before `attach`, after `warm` (warming replaces the children forked before it)."""
+        assert self.sock is not None
+        _send(self.sock, ("reserve", children))
+        message = self._wait_for("reserved", timeout_s)
+        return message[1] if message is not None else 0
 
     def _wait_for(self, kind: str, timeout_s: float) -> tuple | None:
         # Only before the loop runs (start-up): exit reports of discarded parked children are dropped.
