@@ -16,6 +16,7 @@ the chart are skipped (the display says so in one line).
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import signal
 import threading
@@ -151,14 +152,23 @@ def application_seed(seed: int, name: str, index: int) -> int:
 
 
 class _Signals:
-    """What signals do in each phase of a run (see the module docstring)."""
+    """What signals do in each phase of a run (see the module docstring).
+
+    The order signals arrived in is read from a wakeup pipe that CPython's C-level handler writes each
+    signal number to as it is delivered: two signals sent microseconds apart can have their Python handlers
+    run nested in either order, and the first one is the one that says why the run ended (Ctrl-C then
+    SIGTERM ends 130, not 143)."""
 
     def __init__(self) -> None:
         self.phase = "setup"  # setup | loop | cleanup
         self.received: list[int] = []
+        self._raised = False  # set-up unwinds once, however many signals came
         self.supervisor: Supervisor | None = None
         self.on_fast: Any = None
         self._previous: dict[int, Any] = {}
+        self._order_r: int | None = None
+        self._order_w: int | None = None
+        self._previous_wakeup = -1
 
     @property
     def fast(self) -> bool:
@@ -166,6 +176,8 @@ class _Signals:
         return len(self.received) >= 2
 
     def install(self) -> None:
+        self._order_r, self._order_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous_wakeup = signal.set_wakeup_fd(self._order_w, warn_on_full_buffer=False)
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -173,17 +185,36 @@ class _Signals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._order_w is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            os.close(self._order_r)
+            os.close(self._order_w)
+            self._order_r = self._order_w = None
+
+    def _arrived(self, signum: int) -> list[int]:
+        """The stop signals delivered since the last call, in delivery order (the handler's own signal when
+        an earlier, nested handler already took it from the pipe)."""
+        arrived = []
+        while self._order_r is not None:
+            try:
+                chunk = os.read(self._order_r, 64)
+            except BlockingIOError:
+                break
+            arrived.extend(s for s in chunk if s in STOP_SIGNALS)
+        return arrived if arrived else ([] if self._order_r is not None else [signum])
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received.append(signum)
-        if self.supervisor is not None:
-            self.supervisor.request_stop(signum)
-            if len(self.received) >= 2:
-                self.supervisor.hurry()
-        if len(self.received) == 2 and self.on_fast is not None:
-            self.on_fast()
-        if self.phase == "setup" and len(self.received) == 1:
-            raise RunInterrupted(signum)
+        for sig in self._arrived(signum):
+            self.received.append(sig)
+            if self.supervisor is not None:
+                self.supervisor.request_stop(sig)
+                if len(self.received) >= 2:
+                    self.supervisor.hurry()
+            if len(self.received) == 2 and self.on_fast is not None:
+                self.on_fast()
+        if self.phase == "setup" and self.received and not self._raised:
+            self._raised = True
+            raise RunInterrupted(self.received[0])
 
 
 def run(target: RunConfig | Scenario, *, display: Display | None = None, arrivals: Iterator[float] | None = None,
