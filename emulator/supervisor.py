@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 from .config import FunctionConfig
 from .environment import EnvSpec
-from .errors import HandlerLoadError, LambdaemuError, classify
+from .errors import INIT_TIMEOUT_PREFIX, HandlerLoadError, LambdaemuError, classify
 from .events import Events
 from .function import Account, FunctionPolicy, IdlePool
 from .loop import Loop, Timer
@@ -143,7 +143,7 @@ class Function:
         self.queue: deque[Invocation] = deque()  # a service's requests waiting for a free thread
         self.timeouts: _Deadlines | None = None  # set by the supervisor
         self.timeout_message = f"Task timed out after {config.timeout_s:g} seconds"
-        self.init_timeout_message = f"init phase exceeded {config.init_limit_s:g} seconds"
+        self.init_timeout_message = f"{INIT_TIMEOUT_PREFIX}{config.init_limit_s:g} seconds"
 
     def live(self) -> int:
         """Environments that exist for the function (initialising, busy or frozen)."""
@@ -322,6 +322,11 @@ class Supervisor:
                 error = f"{inv.status or 'no answer'}: {inv.message}"[:300]
                 break
             durations.append(round(inv.duration_ms or 0.0, 3))
+            # A Runtime API runtime is idle only once it asks for its next invocation, a moment after
+            # it posted this one's response.
+            while env.state == BUSY and self.clock() < deadline and self.fatal_error is None \
+                    and self.stop_requested is None:
+                self.loop.run_once(until=deadline)
         init_ms = env.init_ms
         if env.state != ENDED:
             self._end(env, "baseline", signal_=signal.SIGKILL)
