@@ -145,3 +145,7 @@ def exception_type_names(exc: BaseException) -> list[str]:
         names.extend(cls.__name__ for cls in type(cur).__mro__)
         cur = cur.__cause__ or cur.__context__
     return names
+
+
+# How an invocation is worded when its environment's init passed --init-limit (the summary counts them).
+INIT_TIMEOUT_PREFIX = "init phase exceeded "

@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-from .errors import UsageError
+from .errors import INIT_TIMEOUT_PREFIX, UsageError
 from .processes import identity_alive, process_identity
 
 INVOCATION_COLUMNS = (
@@ -454,6 +454,7 @@ class _Tally:
         self.causes: Counter[tuple[str, str]] = Counter()
         self.absorbed = 0
         self.cold_starts = 0
+        self.init_timeouts = 0
         self.latency, self.duration, self.lag, self.init = Quantiles(), Quantiles(), Quantiles(), Quantiles()
         self.ideal = IntervalPeak()
         self.last_start: float | None = None
@@ -473,6 +474,8 @@ class _Tally:
             return
         if status != "ok":
             self.errors[row["error_kind"]] += 1
+            if status == "timeout" and (row.get("message") or "").startswith(INIT_TIMEOUT_PREFIX):
+                self.init_timeouts += 1
             if row.get("cause"):
                 self.causes[(row["error_kind"], row["cause"])] += 1
         self.absorbed += int(row.get("absorbed") or 0)
@@ -511,6 +514,7 @@ class _Tally:
             "dispatched_rps": round(self.invocations / span, 3) if span else None,
             "dispatch_span_s": round(span, 3),
             "cold_starts": self.cold_starts,
+            "init_timeouts": self.init_timeouts,
             "throttles": dict(total=sum(self.throttles.values()), **dict(sorted(self.throttles.items()))),
             "errors": dict(total=sum(self.errors.values()), **dict(sorted(self.errors.items()))),
             "causes": causes,
@@ -577,6 +581,14 @@ def _warnings(fidelity: dict[str, Any], host_cpus: Any) -> list[str]:
                 "share this machine's CPUs where Lambda gives each its own, so every cold start ran longer and "
                 "needed more environments; lower --rps or the handler's CPU work, or compare with a run on a "
                 "bigger machine")
+    if fidelity.get("init_timeouts"):
+        alone = [b["init_ms"] for b in (fidelity.get("baseline") or {}).values() if b.get("init_ms") is not None]
+        measured = f"one environment alone initialised in {max(alone):g} ms before the load; " if alone else ""
+        found.append(
+            f"{fidelity['init_timeouts']} invocations failed because their environment's init passed --init-limit; "
+            f"{measured}when many environments start at once on this machine's {host_cpus} CPUs they share them, "
+            "each takes longer, and every arrival meanwhile starts another: lower --rps or the handler's "
+            "start-up work, or run it where there are more CPUs")
     return found
 
 
@@ -618,7 +630,9 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     load_start = run.get("load_start_s") or 0.0
 
     total = _Tally()
-    lambda_only = _Tally()  # the ideal peak of environments concerns functions, not services' requests
+    # The fidelity figures concern Lambda functions: a service's requests wait for a free slot of its own
+    # instances, which is the service's behaviour, not the emulator falling behind.
+    lambda_only = _Tally()
     services = set(run.get("services") or ())
     by_function: dict[str, _Tally] = {}
     first_errors: dict[str, str] = {}
@@ -626,7 +640,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         total.add(row)
         name = row.get("function") or ""
         if name not in services:
-            lambda_only.ideal_add(row)
+            lambda_only.add(row)
         by_function.setdefault(name, _Tally()).add(row)
         if row["status"] not in ("ok", "throttled") and row["error_kind"] not in first_errors:
             first_errors[row["error_kind"]] = row["message"]
@@ -697,22 +711,24 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         function_peaks[row["function"]] = max(function_peaks[row["function"]], int(row.get("envs") or 0))
 
     figures = total.figures(window, load_start)
+    lambda_figures = lambda_only.figures(window, load_start)
     baseline = run.get("baseline") or {}
     base_init = _median([b["init_ms"] for b in baseline.values() if b.get("init_ms") is not None])
     base_duration = _median([d for b in baseline.values() for d in b.get("duration_ms") or []])
     fidelity: dict[str, Any] = {
-        "dispatch_lag_ms": figures["dispatch_lag_ms"],
-        "dispatched_rps": figures["dispatched_rps"],
-        "dispatch_span_s": figures["dispatch_span_s"],
-        "ideal_peak_environments": lambda_only.ideal.peak(),
+        "dispatch_lag_ms": lambda_figures["dispatch_lag_ms"],
+        "dispatched_rps": lambda_figures["dispatched_rps"],
+        "dispatch_span_s": lambda_figures["dispatch_span_s"],
+        "ideal_peak_environments": lambda_figures["ideal_peak_environments"],
+        "init_timeouts": lambda_figures["init_timeouts"],
         "samples": samples,
         "samples_missed": samples_missed,
         "longest_sample_gap_s": round(longest_gap, 3),
         "baseline": baseline,
-        "init_ratio_p50": _ratio(figures["init_ms"]["p50"], base_init),
-        "init_ratio_p99": _ratio(figures["init_ms"]["p99"], base_init),
-        "duration_ratio_p50": _ratio(figures["duration_ms"]["p50"], base_duration),
-        "duration_ratio_p99": _ratio(figures["duration_ms"]["p99"], base_duration),
+        "init_ratio_p50": _ratio(lambda_figures["init_ms"]["p50"], base_init),
+        "init_ratio_p99": _ratio(lambda_figures["init_ms"]["p99"], base_init),
+        "duration_ratio_p50": _ratio(lambda_figures["duration_ms"]["p50"], base_duration),
+        "duration_ratio_p99": _ratio(lambda_figures["duration_ms"]["p99"], base_duration),
     }
     busiest = sorted(per_env_invocations, reverse=True)[:max(1, math.ceil(len(per_env_invocations) / 10))]
     served = sum(per_env_invocations)

@@ -53,10 +53,11 @@ _THROTTLE_REASONS = ("account_concurrency", "reserved_concurrency", "scale_rate"
 _COUNTERS = {"errors": ("total", *ERROR_KINDS), "throttles": ("total", *_THROTTLE_REASONS),
              "statuses": (*STATUSES, "interrupted")}
 _FIDELITY = ("dispatched_rps", "dispatch_span_s", "ideal_peak_environments", "samples", "samples_missed",
-             "longest_sample_gap_s", "init_ratio_p50", "init_ratio_p99", "duration_ratio_p50", "duration_ratio_p99")
+             "longest_sample_gap_s", "init_ratio_p50", "init_ratio_p99", "duration_ratio_p50", "duration_ratio_p99",
+             "init_timeouts")
 _LANDING = ("busiest_10pct_share", "busiest_environment_invocations", "peak_unconnected_environments_while_frozen_hold")
 _FUNCTION_FIGURES = ("invocations", "ok", "achieved_rps", "arrival_rps", "dispatched_rps", "cold_starts",
-                     "peak_environments", "environments", "absorbed_errors", "target_rps")
+                     "init_timeouts", "peak_environments", "environments", "absorbed_errors", "target_rps")
 _APPLICATION_FIGURES = ("peak_connections", "peak_held_by_frozen", "peak_held_by_vanished")
 
 _EXPRESSION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*(<=|>=|==|!=|<|>)\s*(-?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")

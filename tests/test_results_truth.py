@@ -207,3 +207,21 @@ def test_refused_attempts_are_not_connections(tmp_path):
     assert s.summary["peak_connections"] <= 7
     assert s.summary["refused_by_server"] == s.summary["errors"]["too_many_connections"]
     assert all(int(r["connections"]) <= 7 for r in s.samples if r["connections"])
+
+
+def test_init_timeouts_are_counted_and_warned_about(tmp_path, postgres):
+    handler = write_handler(tmp_path, """
+        import time
+
+        time.sleep(0.6)  # an init longer than the limit below
+
+        def handler(event, context):
+            return None
+    """)
+    config = RunConfig(provider="external", db_url=postgres.url, out=str(tmp_path / "run"), handler=handler,
+                       init_delay_s=0, init_limit_s=0.3, duration_s=1, baseline="off")
+    s = Scenario(run(config, arrivals=load.fixed([0.0, 0.1, 0.2]), handle_signals=False))
+    assert s.summary["statuses"] == {"timeout": 3}
+    assert s.summary["fidelity"]["init_timeouts"] == 3
+    assert any(w.startswith("3 invocations failed because their environment's init passed --init-limit")
+               for w in s.summary["warnings"]), s.summary["warnings"]
