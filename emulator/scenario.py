@@ -340,7 +340,8 @@ class _Reader:
         return Scenario(run=run, functions=tuple(functions), services=tuple(services), description=description,
                         source=str(self.path))
 
-    def _entry(self, index: int, entry: Any, kind: str, names: dict[str, str]) -> tuple[str, str]:
+    def _entry(self, index: int, entry: Any, kind: str, names: dict[str, str],
+               defaults: Mapping[str, Any]) -> tuple[str, str]:
         if not isinstance(entry, dict):
             raise self.fail(f"{kind}[{index}]", "expected a table")
         name = entry.get("name")
@@ -354,8 +355,9 @@ class _Reader:
             raise self.fail(f"{kind}.{name}", f"the name {name!r} is already taken by {names[name]}; every function "
                                               "and service needs a name of its own (it is its database user)")
         names[name] = f"{kind}.{name}"
-        if "handler" not in entry:
-            raise self.fail(f"{kind}.{name}", "needs a handler, e.g. handler = \"workloads.sqlalchemy_pool:handler\"")
+        if "handler" not in entry and "handler" not in defaults and self.overrides.get("handler") is None:
+            raise self.fail(f"{kind}.{name}", "needs a handler (its own or one in [defaults]), e.g. "
+                                              "handler = \"workloads.sqlalchemy_pool:handler\"")
         return name, f"{kind}.{name}"
 
     def _config(self, entry: Mapping[str, Any], defaults: Mapping[str, Any], keys: Mapping[str, str], where: str,
@@ -383,12 +385,12 @@ class _Reader:
 
     def _function(self, index: int, entry: Any, defaults: Mapping[str, Any], run: RunConfig,
                   overrides: Mapping[str, Any], names: dict[str, str]) -> RunConfig:
-        name, where = self._entry(index, entry, "functions", names)
+        name, where = self._entry(index, entry, "functions", names, defaults)
         return self._config(entry, defaults, _FUNCTION_KEYS, where, run, overrides, name)
 
     def _service(self, index: int, entry: Any, defaults: Mapping[str, Any], run: RunConfig,
                  overrides: Mapping[str, Any], names: dict[str, str]) -> ServiceConfig:
-        name, where = self._entry(index, entry, "services", names)
+        name, where = self._entry(index, entry, "services", names, defaults)
         counts = {}
         for key in ("instances", "concurrency"):
             value = entry.get(key, 1)

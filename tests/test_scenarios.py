@@ -25,6 +25,16 @@ def scenario_file(tmp_path: Path, text: str, name: str = "scenario.toml") -> Pat
     return path
 
 
+def sleeping_handler(tmp_path: Path, seconds: float) -> str:
+    """A handler that only sleeps `seconds`."""
+    return write_handler(tmp_path, f"""
+        import time
+
+        def handler(event, context):
+            time.sleep({seconds})
+    """)
+
+
 def run_scenario(tmp_path: Path, path: Path, **overrides) -> Run:
     scenario = load_scenario(path, {"out": str(tmp_path / "run"), **overrides})
     result = Run(run(scenario, handle_signals=False))
@@ -107,12 +117,7 @@ def test_each_application_has_its_own_user_and_every_connection_is_attributed_to
 
 
 def test_a_full_account_throttles_the_unreserved_function_while_the_reserved_one_keeps_its_share(tmp_path):
-    sleeper = write_handler(tmp_path, """
-        import time
-
-        def handler(event, context):
-            time.sleep(1.0)
-    """)
+    sleeper = sleeping_handler(tmp_path, 1.0)
     path = scenario_file(tmp_path, f"""
         [run]
         duration = "3s"
@@ -202,6 +207,39 @@ def test_service_instances_are_never_frozen_nor_reclaimed(tmp_path):
         assert max(gaps) < 0.5 and stamps[-1] - stamps[0] > 3.5
     assert {r["service_instances"] for r in s.samples if float(r["t_s"]) > 1} == {"2"}
 
+
+
+def test_a_saturated_service_queues_without_counting_as_the_emulator_falling_behind(tmp_path):
+    handler = sleeping_handler(tmp_path, 0.2)
+    # One instance serving one request at a time, 0.2 s each, asked for 10 a second: requests queue for
+    # seconds in the service, as they would in front of a real server that size. The function beside it
+    # is dispatched on time, and only it says whether the emulator kept its schedule.
+    path = scenario_file(tmp_path, f"""
+        [run]
+        duration = "3s"
+        baseline = "off"
+
+        [defaults]
+        init_delay = "0s"
+        timeout = "10s"
+        handler = "{handler}"
+
+        [[functions]]
+        name = "lambda"
+        load = "constant:10"
+
+        [[services]]
+        name = "app"
+        instances = 1
+        concurrency = 1
+        load = "constant:10"
+    """)
+    s = run_scenario(tmp_path, path)
+    lag = {name: max(float(r["lag_ms"]) for r in s.invocations if r["function"] == name) for name in ("lambda", "app")}
+    assert lag["app"] > 1000 and lag["lambda"] < 200, lag
+    assert s.summary["dispatch_lag_ms"]["max"] > 1000  # every record's lag, the service's queue included
+    assert s.summary["fidelity"]["dispatch_lag_ms"]["max"] < 200
+    assert not any("fell behind" in w for w in s.summary["warnings"]), s.summary["warnings"]
 
 def test_a_replay_arrives_exactly_as_recorded(tmp_path):
     trace = tmp_path / "trace.csv"
