@@ -360,6 +360,7 @@ def test_cleanup_marks_a_run_killed_with_sigkill(tmp_path, postgres):
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.stderr.close()  # never read: the run was killed before it could say anything
     psutil.wait_procs(tree, timeout=10)
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "running" and not (run_dir / "summary.json").exists()
