@@ -43,6 +43,20 @@ def test_node_statuses_are_those_of_python(tmp_path, scenario):
     assert ends[rows[2]["env_id"]]["end_reason"] == "timeout" and ends[rows[3]["env_id"]]["end_reason"] == "crash"
 
 
+
+def test_the_baseline_times_a_node_environment_and_leaves_the_run_working(tmp_path, scenario):
+    # A Runtime API environment is idle only once it asks for its next invocation, a moment after its
+    # response: the baseline's second invocation has to wait for that, and the run's own environments
+    # must start as usual after it.
+    handler = js_handler(tmp_path, """
+        exports.handler = async () => ({ ok: true });
+    """)
+    s = scenario([0.0, 0.5, 1.0], handler=handler, baseline="on")
+    baseline = s.run["baseline"]["app"]
+    assert "error" not in baseline and len(baseline["duration_ms"]) == 2 and baseline["init_ms"] > 0, baseline
+    assert [r["status"] for r in by_seq(s)] == ["ok", "ok", "ok"]
+    assert by_seq(s)[0]["cold"] == "1"  # the baseline's environment is not the run's
+
 def test_a_node_init_error_fails_its_cold_starts(tmp_path, scenario):
     handler = js_handler(tmp_path, """
         throw new Error("no configuration");
