@@ -164,7 +164,9 @@ def test_sequelize_idle_connections_outlast_a_freeze_and_go_on_thaw(postgres, st
     gone = wait_for(lambda: held.count() == 0, 4.0)
     assert gone is not None
     lifetime = time.monotonic() - released
-    assert 1.0 <= lifetime <= 2.5, lifetime
+    # `released` is taken after the invocation returned, a little after the pool stamped the release:
+    # the connection can be seen gone up to that gap before idle (1 s) has passed here.
+    assert 0.9 <= lifetime <= 2.5, lifetime
 
 
 @pytest.mark.slow
