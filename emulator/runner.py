@@ -192,16 +192,19 @@ class _Signals:
             self._order_r = self._order_w = None
 
     def _arrived(self, signum: int) -> list[int]:
-        """The stop signals delivered since the last call, in delivery order (the handler's own signal when
-        an earlier, nested handler already took it from the pipe)."""
+        """The stop signals delivered since the last call, in delivery order: none when an earlier, nested
+        handler already took this one from the pipe; the handler's own signal when there is no pipe."""
+        if self._order_r is None:
+            return [signum]
         arrived = []
-        while self._order_r is not None:
+        while True:
             try:
                 chunk = os.read(self._order_r, 64)
             except BlockingIOError:
-                break
+                return arrived
+            if not chunk:
+                return arrived
             arrived.extend(s for s in chunk if s in STOP_SIGNALS)
-        return arrived if arrived else ([] if self._order_r is not None else [signum])
 
     def _handle(self, signum: int, frame: Any) -> None:
         for sig in self._arrived(signum):
