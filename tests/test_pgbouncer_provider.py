@@ -4,6 +4,7 @@ approximation, the console statistics, and the RDS max_connections formula for P
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -154,6 +155,39 @@ def test_idle_server_connections_shrink_to_min_pool_size(backend):
         finally:
             for conn in conns:
                 conn.close()
+
+
+def test_users_share_the_idle_allowance_and_log_in_with_scram_secrets():
+    apps = ("orders", "billing", "reports", "backend")
+    with PostgresServer(provider="native", run_id=new_run_id(), max_connections=BACKEND_MAX_CONNECTIONS,
+                        applications=apps) as server, \
+            PgBouncer(server, new_run_id(), max_idle_connections_percent=50, server_idle_timeout_s=1) as bouncer:
+        # 50 % of 20 shared over four users' pools. Whole to each pool (10), two pools at their minimum
+        # would hold every connection max_db_connections (20) allows and starve the other two for ever.
+        assert bouncer.settings.min_pool_size == 2
+        # The auth file holds the server's SCRAM secrets, never a password: PgBouncer then checks a
+        # login with two HMACs instead of deriving the key (4096 PBKDF2 rounds) on its single thread.
+        auth_file = (bouncer.workdir / "userlist.txt").read_text()
+        for app in apps:
+            account = bouncer.account(app)
+            assert account.password not in auth_file
+            assert f'"{account.user}" "SCRAM-SHA-256$4096:' in auth_file
+        # One idle client per user (as a frozen environment holds): PgBouncer 1.18 fills the minimum of
+        # a pool that has a client, by itself, logging in with the client key the client's login
+        # revealed. No query waits for these connections.
+        clients = [psycopg.connect(bouncer.url_for(app), connect_timeout=5, prepare_threshold=None, autocommit=True)
+                   for app in apps]
+        for conn in clients:
+            conn.execute("SELECT 1")
+        with contextlib.ExitStack() as closing, server.admin_connect() as view:
+            for conn in clients:
+                closing.enter_context(conn)
+            deadline = time.monotonic() + 15
+            while (held := dict(view.execute(
+                    "SELECT usename, count(*) FROM pg_stat_activity WHERE usename = ANY(%s) GROUP BY usename",
+                    ([bouncer.account(app).user for app in apps],)).fetchall())) != {app: 2 for app in apps}:
+                assert time.monotonic() < deadline, held
+                time.sleep(0.1)
 
 
 def test_stats_report_client_ports(backend):

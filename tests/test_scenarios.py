@@ -268,7 +268,9 @@ def test_the_shared_database_story_step_by_step(tmp_path):
     assert [p.name[0] for p in steps] == ["1", "2", "3", "4", "5"]
     results = []
     for i, path in enumerate(steps):
-        scenario = load_scenario(path, {"out": str(tmp_path / f"step{i + 1}"), "duration_s": "12s"})
+        # The files' own 20 s: step 1's leak (a pool per invocation in `reports`) needs it to reach the
+        # limit every time (12 s runs peaked at 75 to 96 of 100).
+        scenario = load_scenario(path, {"out": str(tmp_path / f"step{i + 1}"), "seed": 1})
         results.append(Run(run(scenario, handle_signals=False)))
         assert_no_leftovers(results[-1].run["run_id"])
         assert results[-1].result.status == "complete"
@@ -278,13 +280,16 @@ def test_the_shared_database_story_step_by_step(tmp_path):
     applications = first["applications"]
     assert max(applications, key=lambda a: applications[a]["peak_connections"]) == "orders"
     assert first["errors"].get("too_many_connections", 0) > 0
-    # Step 2: a proxy at MaxConnectionsPercent 100 may open as many server connections as the database
-    # allows: the database sees more than a 40 % proxy would let through. On a 2-CPU machine this step's
-    # burst of environments can stall PgBouncer (36 to 96 of 100 measured); such a run says so in its
-    # warnings, and its peak is then no evidence either way.
+    # Step 2: the proxy ends the refusals (its clients share fewer server connections), but at
+    # MaxConnectionsPercent 100 it may open as many server connections as the database allows: the
+    # database sees more than a 40 % proxy would let through. Nearly every invocation succeeds: a
+    # proxy that falls behind its logins (it once derived a SCRAM key per client login) shows up here
+    # as timeouts.
     assert proxy["proxy_max_db_connections"] == limit and capped["proxy_max_db_connections"] == 0.4 * limit
-    if not proxy["warnings"]:
-        assert proxy["peak_connections"] > 0.4 * limit
+    assert proxy["errors"].get("too_many_connections", 0) == 0
+    assert proxy["ok"] >= 0.95 * proxy["invocations"], proxy["errors"]
+    assert proxy["peak_proxy_servers"] < proxy["peak_proxy_clients"]
+    assert proxy["peak_connections"] > 0.4 * limit
     # Step 5: at 40 %, the database never sees more than 40 connections, with the same load.
     assert capped["peak_connections"] <= 0.4 * limit
     assert capped["errors"].get("too_many_connections", 0) == 0

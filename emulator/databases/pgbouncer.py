@@ -13,7 +13,7 @@ How the RDS Proxy target-group settings map onto PgBouncer (`M` = the backend's 
 | MaxConnectionsPercent (100)        | max_db_connections = default_pool_size = floor(pct × M / 100) | exact cap on the server connections PgBouncer holds; the database can hold more for a moment when a client is dropped mid-statement (its old backend finishes while PgBouncer opens a new one) |
 | ConnectionBorrowTimeout (120 s)    | query_wait_timeout                          | close: a client waiting longer for a server connection gets an error ("query_wait_timeout") and is disconnected; RDS Proxy returns a timeout error |
 | IdleClientTimeout (1800 s)         | client_idle_timeout                         | close: idle client connections are closed |
-| MaxIdleConnectionsPercent (half of MaxConnectionsPercent: 50) | min_pool_size = floor(pct × M / 100) (capped at the pool size) and server_idle_timeout (`server_idle_timeout_s`, default 60 s) | APPROXIMATE, see below |
+| MaxIdleConnectionsPercent (half of MaxConnectionsPercent: 50) | min_pool_size = floor(pct × M / 100 / U) (U: the number of application users; capped at the pool size) and server_idle_timeout (`server_idle_timeout_s`, default 60 s) | APPROXIMATE, see below |
 | multiplexing                       | pool_mode = transaction                     | close: a server connection is lent per transaction; RDS Proxy also "pins" sessions that use session state, PgBouncer never pins (SET outside a transaction leaks between clients) |
 
 MaxIdleConnectionsPercent approximation: RDS Proxy keeps at most pct × M / 100 *idle* server
@@ -21,16 +21,26 @@ connections and closes idle ones above that. PgBouncer has no cap on idle connec
 closes a server connection idle for server_idle_timeout seconds as long as the pool stays at or above
 min_pool_size. So after a burst the pool shrinks to min_pool_size within about server_idle_timeout
 (RDS Proxy's own pace of closing excess idle connections is not documented; 60 s is an assumption), and
-never below it. Unlike RDS Proxy, PgBouncer also *opens* connections to reach min_pool_size once a
-client has used the pool, so at rest the backend sees min_pool_size idle connections from the proxy.
+never below it. Unlike RDS Proxy, PgBouncer also *opens* connections to reach min_pool_size while a
+client is connected to the pool, so at rest the backend sees min_pool_size idle connections from the proxy.
+PgBouncer keeps one pool per user and min_pool_size applies to each, while RDS Proxy's idle allowance
+is one for the whole target: so the allowance is shared out evenly over the application users. Were
+each pool given all of it, two pools filling their minimum would hold every connection
+max_db_connections allows, and the other applications' clients would wait for ever (PgBouncer does not
+close one pool's idle connection to open another's, and min_pool_size keeps them from idling out).
 
-Authentication: PostgreSQL authenticates with SCRAM-SHA-256 (initdb --auth-host=scram-sha-256), so
-PgBouncer must be able to log in to it with SCRAM. It can do that from a plain-text password or, with
-a copied SCRAM secret, only by passing a client's own SCRAM proof through, which fails for connections
-PgBouncer opens on its own (min_pool_size) and needs the secrets kept identical to pg_authid. So
-`auth_file` holds the run's random passwords (every application's) in plain text (mode 0600, inside the private work directory,
-deleted with it) and clients authenticate to PgBouncer with `auth_type = scram-sha-256`: no password
-crosses the socket, and the server login works for every connection PgBouncer opens.
+Authentication: PostgreSQL authenticates with SCRAM-SHA-256 (initdb --auth-host=scram-sha-256) and
+clients authenticate to PgBouncer with `auth_type = scram-sha-256`: no password crosses the socket.
+`auth_file` (mode 0600, inside the private work directory, deleted with it) holds every application
+user's SCRAM secret copied from the backend's pg_authid. With a secret PgBouncer checks a client's proof
+with two HMACs, and logs in to the server with the client key that proof reveals (kept per user, so the
+connections it opens on its own for min_pool_size log in too; the secrets must be identical to
+pg_authid's, which copying them guarantees). With a plain-text password instead PgBouncer derives the
+key anew for every client login: 4096 rounds of PBKDF2, about 5 ms of its single thread, and on two
+CPUs a burst of cold starts (a hundred logins a second or more) then saturates PgBouncer, queries wait,
+invocations time out, each timeout is one more cold start, and the run collapses. The plain-text form is
+kept only for a backend whose pg_authid lambdaemu cannot read (an external server where its user is
+not a superuser).
 
 The admin console (database `pgbouncer`, user `lambdaemu_admin`, which exists only in PgBouncer) speaks
 the simple query protocol only: `admin_connect()` returns a psycopg connection whose cursors send
@@ -112,10 +122,12 @@ class PgBouncerSettings:
     pool_mode: str = "transaction"
 
     @classmethod
-    def from_proxy(cls, proxy: ProxySettings, backend_max_connections: int, max_client_conn: int) -> "PgBouncerSettings":
-        """Apply the mapping documented in the module docstring."""
+    def from_proxy(cls, proxy: ProxySettings, backend_max_connections: int, max_client_conn: int,
+                   users: int = 1) -> "PgBouncerSettings":
+        """Apply the mapping documented in the module docstring; `users` is the number of application
+        users, over which the idle allowance is shared (PgBouncer keeps a pool per user)."""
         pool = max(1, math.floor(proxy.max_connections_percent * backend_max_connections / 100))
-        idle = min(pool, math.floor(proxy.idle_percent * backend_max_connections / 100))
+        idle = min(pool, math.floor(proxy.idle_percent * backend_max_connections / 100 / max(1, users)))
         return cls(max_db_connections=pool, default_pool_size=pool, min_pool_size=idle,
                    server_idle_timeout=proxy.server_idle_timeout_s,
                    query_wait_timeout=proxy.connection_borrow_timeout_s,
@@ -125,7 +137,7 @@ class PgBouncerSettings:
     SOURCES = {
         "max_db_connections": "MaxConnectionsPercent",
         "default_pool_size": "MaxConnectionsPercent",
-        "min_pool_size": "MaxIdleConnectionsPercent (approximation)",
+        "min_pool_size": "MaxIdleConnectionsPercent, shared over the application users (approximation)",
         "server_idle_timeout": "MaxIdleConnectionsPercent (approximation; assumed pace)",
         "query_wait_timeout": "ConnectionBorrowTimeout",
         "client_idle_timeout": "IdleClientTimeout",
@@ -181,6 +193,7 @@ class PgBouncer(Database):
         self.provider = backend.provider
         self.settings: PgBouncerSettings | None = None
         self.admin_password = ""
+        self.secrets: dict[str, str] = {}
         self.nofile = 0
         self._refusals: LogCounter | None = None
 
@@ -208,8 +221,10 @@ class PgBouncer(Database):
         self.nofile = _fd_limit_for(self.max_client_conn + pool + _FD_MARGIN)
         self.settings = PgBouncerSettings.from_proxy(
             self.proxy, self.max_connections,
-            max_client_conn=max(1, min(self.max_client_conn, self.nofile - pool - _FD_MARGIN)))
+            max_client_conn=max(1, min(self.max_client_conn, self.nofile - pool - _FD_MARGIN)),
+            users=len(self.accounts))
         self.admin_password = random_password()
+        self.secrets = self._scram_secrets()
         self.launcher.prepare(self)
 
         def launch(port: int) -> None:
@@ -225,10 +240,25 @@ class PgBouncer(Database):
         self._started = True  # the log counter may be made from here on
         self.refusal_counter()
 
+    def _scram_secrets(self) -> dict[str, str]:
+        """Every application user's SCRAM secret as the backend stores it (pg_authid), or {} when the
+        backend does not let lambdaemu read them (an external server: not a superuser)."""
+        users = [account.user for account in self.accounts.values()]
+        psycopg = _psycopg()
+        try:
+            with self.backend.admin_connect() as conn:
+                rows = conn.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)",
+                                    (users,)).fetchall()
+        except psycopg.Error:
+            return {}
+        secrets = {user: secret for user, secret in rows if secret and secret.startswith("SCRAM-SHA-256$")}
+        return secrets if set(secrets) == set(users) else {}
+
     def auth_file_text(self) -> str:
-        """PgBouncer's auth_file: every application's user and the console's admin, in plain text (see
-        the module docstring for why)."""
-        lines = [f'"{account.user}" "{account.password}"' for account in self.accounts.values()]
+        """PgBouncer's auth_file: every application's user and the console's admin (see the module
+        docstring for which form and why)."""
+        lines = [f'"{account.user}" "{self.secrets.get(account.user, account.password)}"'
+                 for account in self.accounts.values()]
         lines.append(f'"{ADMIN_USER}" "{self.admin_password}"')
         return "\n".join(lines) + "\n"
 
