@@ -31,7 +31,7 @@ import psutil
 
 from .databases.base import WORKDIR_PREFIX
 from .processes import identity_alive
-from .results import earlier_run, write_json, write_summary_and_chart
+from .results import earlier_run, summarize, write_chart, write_json
 from .zygote import RUN_ID_VARIABLE
 
 #: run.json statuses of a run that has not ended yet.
@@ -159,8 +159,10 @@ def mark_killed(run_dir: Path) -> dict[str, Any]:
         window = max(0.0, last - info["load_start_s"])
         duration = info.get("config", {}).get("duration_s")
         info["load_window_s"] = round(min(window, duration) if duration else window, 3)
+    # run.json last but for the chart: whoever sees it say `killed` finds the summary that goes with it.
+    write_json(run_dir / "summary.json", summarize(run_dir, info))
     write_json(run_dir / "run.json", info)
-    write_summary_and_chart(run_dir)
+    write_chart(run_dir)
     return info
 
 

@@ -302,15 +302,19 @@ def write_summary_and_chart(run_dir: Path, *, chart: bool = True) -> dict[str, A
     the results."""
     summary = summarize(run_dir)
     write_json(run_dir / "summary.json", summary)
-    if not chart:
-        return summary
+    if chart:
+        write_chart(run_dir)
+    return summary
+
+
+def write_chart(run_dir: Path) -> None:
+    """Draw chart.png from the files of `run_dir`, or leave chart.error.txt saying why it could not be."""
     try:
         from .plots import chart as draw
 
         draw(run_dir)
     except Exception as exc:  # noqa: BLE001 - a chart failure must not lose the results
         (run_dir / "chart.error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
-    return summary
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -621,10 +625,11 @@ def _application_peaks(path: Path) -> dict[str, dict[str, int]]:
             for app, best in sorted(peaks.items())}
 
 
-def summarize(run_dir: Path) -> dict[str, Any]:
+def summarize(run_dir: Path, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute summary.json from the files of a run directory (complete or not), in one streaming pass
-    over each file."""
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    over each file; `run` stands for its run.json when given (one about to be written)."""
+    if run is None:
+        run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     config = run.get("config", {})
     window = run.get("load_window_s") or config.get("duration_s") or 0
     load_start = run.get("load_start_s") or 0.0
