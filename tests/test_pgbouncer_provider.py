@@ -179,13 +179,14 @@ def test_users_share_the_idle_allowance_and_log_in_with_scram_secrets():
                    for app in apps]
         for conn in clients:
             conn.execute("SELECT 1")
+        users = [bouncer.account(app).user for app in apps]
         with contextlib.ExitStack() as closing, server.admin_connect() as view:
             for conn in clients:
                 closing.enter_context(conn)
             deadline = time.monotonic() + 15
             while (held := dict(view.execute(
                     "SELECT usename, count(*) FROM pg_stat_activity WHERE usename = ANY(%s) GROUP BY usename",
-                    ([bouncer.account(app).user for app in apps],)).fetchall())) != {app: 2 for app in apps}:
+                    (users,)).fetchall())) != {user: 2 for user in users}:
                 assert time.monotonic() < deadline, held
                 time.sleep(0.1)
 

@@ -282,16 +282,16 @@ def test_the_shared_database_story_step_by_step(tmp_path):
     assert first["errors"].get("too_many_connections", 0) > 0
     # Step 2: the proxy ends the refusals (its clients share fewer server connections), but at
     # MaxConnectionsPercent 100 it may open as many server connections as the database allows: the
-    # database sees more than a 40 % proxy would let through. Nearly every invocation succeeds: a
-    # proxy that falls behind its logins (it once derived a SCRAM key per client login) shows up here
-    # as timeouts.
+    # database sees well above what a 40 % proxy lets through (69 to 74 of 100 measured). Nearly every
+    # invocation succeeds: a proxy that falls behind its logins (it once derived a SCRAM key per client
+    # login) shows up here as timeouts.
     assert proxy["proxy_max_db_connections"] == limit and capped["proxy_max_db_connections"] == 0.4 * limit
     assert proxy["errors"].get("too_many_connections", 0) == 0
     assert proxy["ok"] >= 0.95 * proxy["invocations"], proxy["errors"]
     assert proxy["peak_proxy_servers"] < proxy["peak_proxy_clients"]
-    assert proxy["peak_connections"] > 0.4 * limit
+    assert proxy["peak_connections"] > 0.6 * limit
     # Step 5: at 40 %, the database never sees more than 40 connections, with the same load.
-    assert capped["peak_connections"] <= 0.4 * limit
+    assert capped["peak_connections"] <= 0.4 * limit < proxy["peak_connections"]
     assert capped["errors"].get("too_many_connections", 0) == 0
 
 
