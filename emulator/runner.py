@@ -193,7 +193,13 @@ class _Signals:
 
     def _arrived(self, signum: int) -> list[int]:
         """The stop signals delivered since the last call, in delivery order: none when an earlier, nested
-        handler already took this one from the pipe; the handler's own signal when there is no pipe."""
+        handler already took this one from the pipe; the handler's own signal when there is no pipe.
+
+        Signals found in the pipe together arrived before any Python code ran in between, i.e. within
+        microseconds, and their bytes can be reversed: CPython's C handler runs with other signals
+        unblocked, so a signal sent just after can interrupt it before it writes its own byte. They are
+        taken in the order the kernel delivers signals pending at once, lowest number first (Ctrl-C,
+        then SIGTERM)."""
         if self._order_r is None:
             return [signum]
         arrived = []
@@ -201,10 +207,11 @@ class _Signals:
             try:
                 chunk = os.read(self._order_r, 64)
             except BlockingIOError:
-                return arrived
+                break
             if not chunk:
-                return arrived
+                break
             arrived.extend(s for s in chunk if s in STOP_SIGNALS)
+        return sorted(arrived)
 
     def _handle(self, signum: int, frame: Any) -> None:
         for sig in self._arrived(signum):

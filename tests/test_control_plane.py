@@ -5,6 +5,7 @@ daemons, exits racing their own reports, and overload."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -18,7 +19,7 @@ from conftest import LAMBDAEMU, Scenario, cli_env, lambdaemu_servers, wait_for_s
 from emulator import load
 from emulator.cleanup import labelled_processes
 from emulator.config import RunConfig
-from emulator.runner import run
+from emulator.runner import _Signals, run
 
 
 def by_seq(rows):
@@ -70,6 +71,24 @@ def test_kill_9_of_lambdaemu_leaves_nothing_of_the_run(tmp_path):
     wait_until(lambda: json.loads((out / "run.json").read_text())["status"] == "killed", 30, "run.json says killed")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "killed" and summary["invocations"] > 10
+
+
+def test_signals_found_in_the_wakeup_pipe_together_are_taken_lowest_number_first():
+    # Ctrl-C's C-level handler can be interrupted by a SIGTERM sent microseconds later before it writes
+    # its own byte: the pipe then says TERM, INT. Bytes read together are simultaneous: kernel order.
+    signals = _Signals()
+    signals.install()
+    signals.phase = "loop"  # in set-up a signal unwinds the set-up instead
+    try:
+        os.write(signals._order_w, bytes([signal.SIGTERM, signal.SIGINT]))
+        signals._handle(signal.SIGTERM, None)
+        signals._handle(signal.SIGINT, None)  # its byte was taken by the first call: adds nothing
+        os.write(signals._order_w, bytes([signal.SIGHUP]))
+        signals._handle(signal.SIGHUP, None)  # later, alone: after the others whatever its number
+        assert signals.received == [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+        assert signals.fast
+    finally:
+        signals.restore()
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.1, 0.4, 1.0])
