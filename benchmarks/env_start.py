@@ -5,9 +5,11 @@ environments at the run's default `--env-nice`, a `Loop`, `Events`), provisions 
 for a trivial handler (a generated file that imports nothing, `init_delay_s=0`): a function with
 `provisioned=1`, and `Supervisor.provision()` called once per sample, which asks the zygote for one more
 environment without waiting and runs the loop until it is ready. For each environment, the time from
-the spawn request (`env.created`) to `env.ready_at` (the loop has read "ready"), split at the zygote's
-"spawned" reply (`env.spawned_at`). The zygote keeps children forked ahead and hands one over on
-request, so the fork itself is not on this path unless requests come faster than it forks.
+the spawn request (`env.created`) to `env.ready_at` (the loop has read "ready"), split at the moment the
+process was told its function (`env.spawned_at`). As in a run, the zygote is asked for a reserve first
+(`ZygoteClient.reserve`), so it hands its children forked ahead to the supervisor, which starts each
+environment from one of them without asking the zygote; neither the fork nor the zygote is on this path
+unless requests come faster than it forks.
 
 Floor, measured in the same run: a bare `os.fork()` + child `os._exit(0)` + `os.waitpid` in a fresh
 interpreter that imported `emulator.zygote.PRELOAD` and called `gc.freeze()`, as the zygote does:
@@ -113,6 +115,7 @@ def environment_starts(samples: int, workdir: Path, floor: FloorFork | None = No
     loop = Loop()
     zygote = ZygoteClient(logs, run_id, nice=config.env_nice)
     zygote.start()
+    zygote.reserve(1)  # as the runner does before the load: spares held by the supervisor from now on
     supervisor = Supervisor([FunctionConfig.from_run_config(config, {})], concurrency_limit=config.concurrency_limit,
                             zygote=zygote, loop=loop, events=events, logs_dir=logs, run_id=run_id)
     try:
@@ -190,9 +193,9 @@ def main() -> None:
     }
     rows = [
         ["environment start (spawn request -> ready)", start["p50"], start["p90"], start["p99"], start["mean"]],
-        ["  request -> zygote replied 'spawned' (env.spawned_at)", to_fork["p50"], to_fork["p90"], to_fork["p99"],
+        ["  request -> process told its function (env.spawned_at)", to_fork["p50"], to_fork["p90"], to_fork["p99"],
          to_fork["mean"]],
-        ["  'spawned' -> ready (env.ready_at - env.spawned_at)", after_fork["p50"], after_fork["p90"],
+        ["  told -> ready (env.ready_at - env.spawned_at)", after_fork["p50"], after_fork["p90"],
          after_fork["p99"], after_fork["mean"]],
         ["    of which init phase reported by the environment", inside["p50"], inside["p90"], inside["p99"],
          inside["mean"]],

@@ -578,7 +578,7 @@ class Supervisor:
             env.endpoint = RuntimeEndpoint(self.loop, _RuntimeListener(self, env),
                                            function_arn=function_arn(function.name))
             extra_env["AWS_LAMBDA_RUNTIME_API"] = env.endpoint.listen()
-        self.zygote.spawn(env.id, function.index, extra_env)
+        spare = self.zygote.spawn(env.id, function.index, extra_env)
         self._count(env, INITIALISING, 1)
         if function.service:
             env.requests = {}
@@ -599,6 +599,8 @@ class Supervisor:
             timers.append(self.loop.call_at(now + c.env_idle_ttl_s, self._idle_check, env))
         env.timers = tuple(timers)
         self.events.env_spawn.fire(env=env)
+        if spare is not None:
+            self._on_spawned(env.id, *spare)  # a spare the zygote forked ahead: started already
         return env
 
     def _on_spawned(self, env_id: int, pid: int, sock: socket.socket) -> None:

@@ -9,6 +9,15 @@ It keeps a few children forked ahead ("parked", as Android's zygote keeps unspec
 burst of spawn requests is answered from the parked pool at once; replacements are forked only while no
 request is waiting. A parked child learns what it is for when it is handed out.
 
+Once the supervisor asks for a reserve (before the load), the parked children are handed over to it
+("spares": their pid and channel) and every replacement follows them. The supervisor then starts an
+environment by telling a spare what it is, without a round trip through the zygote: during a burst of
+cold starts the zygote competes for the CPU with every environment initialising, and a spawn that waited
+for its reply was a cold start delayed by the emulator (p50 20 ms, p99 1.1 s at 167 req/s on 2 CPUs),
+during which more arrivals found no environment. The zygote only keeps the spares topped up and asks
+nothing of the supervisor but a note of which spare became which environment. A spawn request still
+works when the supervisor holds no spare (the zygote forks one and replies).
+
 The zygote is also the environments' subreaper (PR_SET_CHILD_SUBREAPER): a process a handler started and
 detached (double fork, `setsid`) is re-parented to the zygote instead of init, and is killed when the
 environment it came from ends (it carries `LAMBDAEMU_ENV_ID` in its environment), or with the run.
@@ -20,13 +29,18 @@ supervisor → zygote   ("define", function_index, EnvSpec)
                       ("spawn", env_id, function_index, extra_env)
                       ("warm", env_vars)
                       ("reserve", children)
+                      ("taken", env_id, pid)         a spare became environment env_id
 zygote → supervisor   ("zygote_ready", pid)
                       ("spawned", env_id, pid) + the environment's channel fd
+                      ("parked", pid) + the spare's channel fd   (once a reserve was asked for)
                       ("spawn_failed", env_id, message)
                       ("exited", pid, wait_status)
                       ("warmed", error or "")
                       ("reserved", children forked ahead)
-zygote → parked child ("spawn", env_id, EnvSpec, extra_env)
+zygote or supervisor → parked child   ("spawn", env_id, EnvSpec, extra_env, handed_at)
+                      handed_at: the sender's time.monotonic() (one clock for every process), from
+                      which the environment measures its init, as Lambda's platform measures Init
+                      Duration: a child that waits for a CPU before it runs is an init slowed down
 """
 
 from __future__ import annotations
@@ -135,6 +149,9 @@ class _Zygote:
         self.parked: deque[tuple[int, socket.socket]] = deque()
         self.parked_target = PARKED_TARGET
         self.reserve_pending = False
+        #: From the first reserve on, parked children are handed to the supervisor as they are forked.
+        self.handover = False
+        self.handed: set[int] = set()  # pids of spares the supervisor holds and has not used
         self.envs: dict[int, int] = {}  # pid → env id of environments handed out and not yet reaped
         self.pid = os.getpid()
 
@@ -143,17 +160,33 @@ class _Zygote:
         _send(self.control, ("zygote_ready", self.pid))
         while True:
             # Fork replacements only while nobody is waiting: a request never queues behind a fork.
-            wait_ms = 0 if len(self.parked) < self.parked_target else None
+            wait_ms = 0 if self._ahead() < self.parked_target else None
             events = self.poller.poll(wait_ms)
             self._drain_wakeup()
             self._reap()
             self._serve_requests()
-            if not events and len(self.parked) < self.parked_target:
+            if not events and self._ahead() < self.parked_target:
                 if not self._prefork_quietly():
-                    self.parked_target = len(self.parked)  # out of processes: stop trying until reaped
-            if self.reserve_pending and len(self.parked) >= self.parked_target:
+                    self.parked_target = self._ahead()  # out of processes: stop trying until reaped
+            if self.reserve_pending and self._ahead() >= self.parked_target:
                 self.reserve_pending = False
-                self._blocking_send(("reserved", len(self.parked)))
+                self.handover = True
+                self._hand_over()
+                self._blocking_send(("reserved", len(self.handed)))
+            elif self.handover and self.parked:
+                self._hand_over()
+
+    def _ahead(self) -> int:
+        """Children forked ahead and not yet used, whoever holds them."""
+        return len(self.parked) + len(self.handed)
+
+    def _hand_over(self) -> None:
+        """Give every parked child to the supervisor as a spare."""
+        while self.parked:
+            pid, sock = self.parked.popleft()
+            self.handed.add(pid)
+            self._blocking_send(("parked", pid), fd=sock.fileno())
+            sock.close()
 
     def _drain_wakeup(self) -> None:
         try:
@@ -180,6 +213,9 @@ class _Zygote:
             self.specs[message[1]] = message[2]
         elif kind == "spawn":
             self._spawn(message[1], self.specs[message[2]], message[3])
+        elif kind == "taken":
+            self.handed.discard(message[2])
+            self.envs[message[2]] = message[1]
         elif kind == "reserve":
             self.parked_target = max(PARKED_TARGET, min(RESERVE_MAX, message[1]))
             self.reserve_pending = True
@@ -204,7 +240,8 @@ class _Zygote:
             return
         pid, sock = self.parked.popleft()
         try:
-            sock.send(pickle.dumps(("spawn", env_id, spec, extra_env), protocol=pickle.HIGHEST_PROTOCOL))
+            sock.send(pickle.dumps(("spawn", env_id, spec, extra_env, time.monotonic()),
+                                   protocol=pickle.HIGHEST_PROTOCOL))
         except OSError:
             pass  # it died while parked: the supervisor sees EOF and an exit report
         self.envs[pid] = env_id
@@ -267,12 +304,12 @@ class _Zygote:
             data = sock.recv(CONTROL_MESSAGE)
             if not data:
                 os._exit(0)
-            _, env_id, spec, extra_env = pickle.loads(data)
+            _, env_id, spec, extra_env, handed_at = pickle.loads(data)
             setup_process(spec, env_id, extra_env)
             if spec.exec_argv:
                 sock.close()
                 os.execve(spec.exec_argv[0], list(spec.exec_argv), os.environ)
-            environment_main(sock, spec)
+            environment_main(sock, spec, handed_at)
         except BaseException:  # noqa: BLE001
             traceback.print_exc()
         finally:
@@ -293,6 +330,7 @@ class _Zygote:
                     del self.parked[i]
                     break
             self.envs.pop(pid, None)
+            self.handed.discard(pid)
             reaped = True
             self._blocking_send(("exited", pid, status))
         if reaped:
@@ -302,7 +340,7 @@ class _Zygote:
     def _kill_strays(self) -> None:
         """Kill re-parented processes whose environment has ended (see the module docstring)."""
         live = set(self.envs.values())
-        known = set(self.envs) | {pid for pid, _ in self.parked}
+        known = set(self.envs) | self.handed | {pid for pid, _ in self.parked}
         for pid in _children(self.pid):
             if pid in known:
                 continue
@@ -382,8 +420,8 @@ class ZygoteLost(Exception):
 
 
 class ZygoteClient:
-    """The supervisor's handle on the zygote: start it, define functions, request spawns without waiting
-    (replies arrive in the loop), and stop it.
+    """The supervisor's handle on the zygote: start it, define functions, start environments without
+    waiting (from a spare it holds at once, or by a request whose reply arrives in the loop), and stop it.
 
     Callbacks (set by `attach`): `on_spawned(env_id, pid, sock)`, `on_spawn_failed(env_id, message)`,
     `on_exited(pid, wait_status)`, `on_lost(reason)`.
@@ -397,6 +435,9 @@ class ZygoteClient:
         self.sock: socket.socket | None = None
         self._loop: Loop | None = None
         self._outbox: deque[bytes] = deque()
+        self._specs: dict[int, EnvSpec] = {}
+        #: Children the zygote forked ahead and handed over (pid, channel), oldest first.
+        self.spares: deque[tuple[int, socket.socket]] = deque()
         self.on_spawned: Callable[[int, int, socket.socket], None] = lambda *a: None
         self.on_spawn_failed: Callable[[int, str], None] = lambda *a: None
         self.on_exited: Callable[[int, int], None] = lambda *a: None
@@ -443,20 +484,26 @@ class ZygoteClient:
         assert self.sock is not None
         _send(self.sock, ("reserve", children))
         message = self._wait_for("reserved", timeout_s)
-        return message[1] if message is not None else 0
+        return len(self.spares) if message is not None else 0
 
     def _wait_for(self, kind: str, timeout_s: float) -> tuple | None:
-        # Only before the loop runs (start-up): exit reports of discarded parked children are dropped.
+        # Only before the loop runs (start-up): exit reports of discarded parked children are dropped,
+        # spares handed over are kept.
         assert self.sock is not None
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             ready, _, _ = select.select([self.sock], [], [], left)
             if not ready:
                 break
-            data = self.sock.recv(CONTROL_MESSAGE)
+            data, fds, _, _ = socket.recv_fds(self.sock, CONTROL_MESSAGE, 1)
             if not data:
                 raise ZygoteLost(f"the environment zygote exited; see {self.log_path}")
             message = pickle.loads(data)
+            if message[0] == "parked":
+                self.spares.append((message[1], socket.socket(fileno=fds[0])))
+                continue
+            for fd in fds:
+                os.close(fd)
             if message[0] == kind:
                 return message
         return None
@@ -470,11 +517,27 @@ class ZygoteClient:
 
     def define(self, index: int, spec: EnvSpec) -> None:
         """Tell the zygote what environments of function `index` are (once per function)."""
+        self._specs[index] = spec
         self._send(("define", index, spec))
 
-    def spawn(self, env_id: int, function_index: int, extra_env: dict[str, str] | None = None) -> None:
-        """Ask for an environment; the answer comes later through `on_spawned` or `on_spawn_failed`."""
-        self._send(("spawn", env_id, function_index, extra_env or {}))
+    def spawn(self, env_id: int, function_index: int,
+              extra_env: dict[str, str] | None = None) -> tuple[int, socket.socket] | None:
+        """Start an environment. From a spare: it is told what it is and its (pid, channel) returned at
+        once. With no spare: None, and the zygote's answer comes later through `on_spawned` or
+        `on_spawn_failed`."""
+        extra_env = extra_env or {}
+        while self.spares:
+            pid, sock = self.spares.popleft()
+            try:
+                sock.send(pickle.dumps(("spawn", env_id, self._specs[function_index], extra_env, time.monotonic()),
+                                       protocol=pickle.HIGHEST_PROTOCOL))
+            except OSError:
+                sock.close()  # it died while parked (the zygote reports its exit): take the next one
+                continue
+            self._send(("taken", env_id, pid))
+            return pid, sock
+        self._send(("spawn", env_id, function_index, extra_env))
+        return None
 
     def _send(self, message: tuple) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -527,6 +590,8 @@ class ZygoteClient:
             kind = message[0]
             if kind == "spawned":
                 self.on_spawned(message[1], message[2], socket.socket(fileno=fds[0]))
+            elif kind == "parked":
+                self.spares.append((message[1], socket.socket(fileno=fds[0])))
             else:
                 for fd in fds:
                     os.close(fd)
@@ -541,6 +606,8 @@ class ZygoteClient:
         self.on_lost(reason)
 
     def _detach(self) -> None:
+        while self.spares:
+            self.spares.popleft()[1].close()  # a spare that sees EOF exits
         if self.sock is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self.sock)
