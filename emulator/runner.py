@@ -313,7 +313,8 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
         if display:
             display.phase("forking environments' processes ahead of the load")
         results.update(zygote_reserve={"asked": first_burst(scenario),
-                                       "forked": zygote.reserve(first_burst(scenario))})
+                                       "forked": zygote.reserve(first_burst(scenario))},
+                       environment_priority={"nice": config.env_nice, "sessions": zygote.sessions})
         supervisor = Supervisor(
             [function_config(f, env_vars[f.function_name]) for f in scenario.functions]
             + [dataclasses.replace(FunctionConfig.from_run_config(s.config, env_vars[s.name]), instances=s.instances,

@@ -64,7 +64,8 @@ from typing import Any, Callable
 
 from .environment import ENV_ID_VARIABLE, EnvSpec, environment_main, setup_process
 from .loop import Loop
-from .processes import (child_pythonpath, die_with_parent, lower_priority, set_child_subreaper,
+from .processes import (OWN_SESSIONS, child_pythonpath, die_with_parent, environment_sessions, lower_priority,
+                        set_child_subreaper,
                         set_parent_death_signal, signal_group, wait_or_kill)
 
 #: Libraries imported into the zygote so environments inherit them instead of importing them cold.
@@ -133,10 +134,11 @@ def warm_drivers(env_vars: dict[str, str]) -> None:
 class _Zygote:
     """Forks environments on request (see the module docstring)."""
 
-    def __init__(self, control: socket.socket, nice: int) -> None:
+    def __init__(self, control: socket.socket, nice: int, sessions: str = OWN_SESSIONS) -> None:
         self.control = control
         self.control.setblocking(False)
         self.nice = nice
+        self.own_sessions = sessions == OWN_SESSIONS
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -290,17 +292,19 @@ class _Zygote:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            # A session of our own (its process group too, so the supervisor freezes and kills whatever
-            # the handler starts with it). On kernels that schedule by session (autogroup), a session is
-            # also a scheduling group: sharing the zygote's would let a burst of initialising
-            # environments starve the zygote, and every spawn waiting on it would make more arrivals
-            # ask for environments.
-            os.setsid()
+            # A process group of our own, so the supervisor freezes and kills whatever the handler
+            # starts with it. Where the kernel lets us set a session's priority, a session of our own
+            # too (see processes.environment_sessions): sharing the zygote's, a burst of initialising
+            # environments weighs against the zygote inside that session.
+            if self.own_sessions:
+                os.setsid()
+            else:
+                os.setpgid(0, 0)
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != self.pid:
                 os._exit(1)  # the zygote died before the death signal was armed
             if self.nice:
-                lower_priority(self.nice)
+                lower_priority(self.nice, session=self.own_sessions)
             data = sock.recv(CONTROL_MESSAGE)
             if not data:
                 os._exit(0)
@@ -392,7 +396,7 @@ def _kill_tree(pid: int) -> None:
         pass
 
 
-def zygote_main(control_fd: int, nice: int = 0) -> None:
+def zygote_main(control_fd: int, nice: int = 0, sessions: str = OWN_SESSIONS) -> None:
     """Preload libraries, then fork an environment for every spawn request until the supervisor leaves."""
     set_parent_death_signal(signal.SIGKILL)
     set_child_subreaper()
@@ -409,7 +413,7 @@ def zygote_main(control_fd: int, nice: int = 0) -> None:
             pass
     gc.collect()
     gc.freeze()  # keep the preloaded heap out of the collector so forks share its pages
-    _Zygote(socket.socket(fileno=control_fd), nice).serve()
+    _Zygote(socket.socket(fileno=control_fd), nice, sessions).serve()
 
 
 # --- the supervisor's side --------------------------------------------------------------------------
@@ -427,10 +431,12 @@ class ZygoteClient:
     `on_exited(pid, wait_status)`, `on_lost(reason)`.
     """
 
-    def __init__(self, logs_dir: Path, run_id: str, *, nice: int = 0) -> None:
+    def __init__(self, logs_dir: Path, run_id: str, *, nice: int = 0, sessions: str | None = None) -> None:
         self.logs_dir = logs_dir
         self.run_id = run_id
         self.nice = nice
+        #: Where environments run (`processes.environment_sessions`, decided for this machine by default).
+        self.sessions = sessions or environment_sessions()
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self._loop: Loop | None = None
@@ -455,7 +461,8 @@ class ZygoteClient:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from emulator.zygote import zygote_main; "
-                 "zygote_main(int(sys.argv[1]), int(sys.argv[2]))", str(theirs.fileno()), str(self.nice)],
+                 "zygote_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])", str(theirs.fileno()),
+                 str(self.nice), self.sessions],
                 pass_fds=[theirs.fileno()], start_new_session=True, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT,
                 # The run id in the zygote's environment labels it and every environment forked from it
@@ -630,4 +637,5 @@ class ZygoteClient:
 
 
 if __name__ == "__main__":
-    zygote_main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    zygote_main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0,
+                sys.argv[3] if len(sys.argv) > 3 else OWN_SESSIONS)

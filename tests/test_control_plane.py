@@ -18,8 +18,13 @@ import pytest
 from conftest import LAMBDAEMU, Scenario, cli_env, lambdaemu_servers, wait_for_status, write_handler
 from emulator import load
 from emulator.cleanup import labelled_processes
-from emulator.config import RunConfig
+from emulator.config import FunctionConfig, RunConfig
+from emulator.events import Events
+from emulator.loop import Loop
+from emulator.processes import OWN_SESSIONS, ZYGOTE_SESSION
 from emulator.runner import _Signals, run
+from emulator.supervisor import Supervisor
+from emulator.zygote import ZygoteClient
 
 
 def by_seq(rows):
@@ -341,3 +346,53 @@ def test_a_daemon_is_killed_when_its_environment_is_reset_mid_run(tmp_path, post
     assert thread.is_alive()
     thread.join(60)
     assert box["result"].status == "complete"
+
+
+@pytest.mark.parametrize("sessions", [OWN_SESSIONS, ZYGOTE_SESSION])
+def test_environments_run_at_the_lower_priority_where_the_machine_lets_them(tmp_path, sessions):
+    # own: each environment leads a session (and its autogroup) at --env-nice; zygote (a user without
+    # CAP_SYS_ADMIN, whose autogroup changes the kernel rate-limits): the zygote's session, a process
+    # group of its own, the nice value. Either way the supervisor freezes, thaws and ends the group.
+    handler = write_handler(tmp_path, """
+        import subprocess
+
+        child = subprocess.Popen(["sleep", "60"])  # started in init: it must share the environment's fate
+
+        def handler(event, context):
+            return child.pid
+    """)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = RunConfig(handler=handler, init_delay_s=0, provisioned=2, env_nice=10)
+    run_id = f"test-sessions-{os.getpid()}-{sessions}"
+    zygote = ZygoteClient(logs, run_id, nice=10, sessions=sessions)
+    zygote.start()
+    loop = Loop()
+    supervisor = Supervisor([FunctionConfig.from_run_config(config, {})], concurrency_limit=10, zygote=zygote,
+                            loop=loop, events=Events(), logs_dir=logs, run_id=run_id)
+    try:
+        supervisor.start()
+        supervisor.provision()
+        envs = supervisor.live_environments()
+        assert len(envs) == 2 and all(env.state == "frozen" for env in envs)
+        zygote_sid = os.getsid(zygote.proc.pid)
+        for env in envs:
+            proc = psutil.Process(env.pid)
+            assert os.getpgid(env.pid) == env.pid  # the group the supervisor signals
+            assert proc.nice() == 10
+            (sleeper,) = proc.children()
+            assert os.getpgid(sleeper.pid) == env.pid
+            # SIGSTOP is sent to the group when the environment is frozen, and takes effect at once
+            wait_until(lambda: proc.status() == sleeper.status() == psutil.STATUS_STOPPED, 5, "group stopped")
+            if sessions == OWN_SESSIONS:
+                assert os.getsid(env.pid) == env.pid
+                autogroup = Path(f"/proc/{env.pid}/autogroup")
+                if autogroup.exists():  # a kernel with autogroup: the session's own nice too
+                    assert autogroup.read_text().split()[-1] == "10"
+            else:
+                assert os.getsid(env.pid) == zygote_sid != env.pid
+    finally:
+        supervisor.shutdown()
+        zygote.close()
+        loop.close()
+    wait_until(lambda: not labelled_processes(run_id), 10, "environments, spares and the zygote gone")
