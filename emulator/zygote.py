@@ -65,8 +65,7 @@ from typing import Any, Callable
 from .environment import ENV_ID_VARIABLE, EnvSpec, environment_main, setup_process
 from .loop import Loop
 from .processes import (OWN_SESSIONS, child_pythonpath, die_with_parent, environment_sessions, lower_priority,
-                        set_child_subreaper,
-                        set_parent_death_signal, signal_group, wait_or_kill)
+                        set_child_subreaper, set_parent_death_signal, signal_group, wait_or_kill)
 
 #: Libraries imported into the zygote so environments inherit them instead of importing them cold.
 PRELOAD = (
