@@ -199,7 +199,7 @@ def setup_process(spec: EnvSpec, env_id: int, extra_env: dict[str, str]) -> None
         os.environ["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] = str(spec.memory_mb)
 
 
-def environment_main(sock: socket.socket, spec: EnvSpec, handed_at: float | None = None) -> None:
+def environment_main(sock: socket.socket, spec: EnvSpec, handed_at: float) -> None:
     """Run one execution environment: init (import the handler), then invocations until EOF. The init
     phase is timed from `handed_at` (time.monotonic() when this process was told what it is), so time spent
     waiting for a CPU before running counts as init, as on Lambda everything before ready does."""
@@ -214,7 +214,6 @@ def environment_main(sock: socket.socket, spec: EnvSpec, handed_at: float | None
         console.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
         root.addHandler(console)
     root.addHandler(_AbsorbedErrors(sock))
-    started = time.monotonic() if handed_at is None else handed_at
     try:
         if spec.init_delay_s:
             time.sleep(spec.init_delay_s)  # the runtime's own start-up, before any user code
@@ -226,7 +225,7 @@ def environment_main(sock: socket.socket, spec: EnvSpec, handed_at: float | None
         send_report(sock, ("init_error", fatal, "init_error", type_name, message))
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(1)
-    send_report(sock, ("ready", (time.monotonic() - started) * 1000))
+    send_report(sock, ("ready", (time.monotonic() - handed_at) * 1000))
     if spec.concurrency:
         _serve_concurrently(sock, spec, handler)
         os._exit(0)

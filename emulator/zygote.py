@@ -95,6 +95,12 @@ def _send(sock: socket.socket, message: tuple) -> None:
     sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def _tell_spare(sock: socket.socket, env_id: int, spec: EnvSpec, extra_env: dict[str, str]) -> None:
+    """Tell a child forked ahead which environment it is (whoever holds it: the zygote or the supervisor);
+    its init is timed from now (see the module docstring)."""
+    _send(sock, ("spawn", env_id, spec, extra_env, time.monotonic()))
+
+
 # --- the zygote process -------------------------------------------------------------------------------
 
 
@@ -241,8 +247,7 @@ class _Zygote:
             return
         pid, sock = self.parked.popleft()
         try:
-            sock.send(pickle.dumps(("spawn", env_id, spec, extra_env, time.monotonic()),
-                                   protocol=pickle.HIGHEST_PROTOCOL))
+            _tell_spare(sock, env_id, spec, extra_env)
         except OSError:
             pass  # it died while parked: the supervisor sees EOF and an exit report
         self.envs[pid] = env_id
@@ -535,8 +540,7 @@ class ZygoteClient:
         while self.spares:
             pid, sock = self.spares.popleft()
             try:
-                sock.send(pickle.dumps(("spawn", env_id, self._specs[function_index], extra_env, time.monotonic()),
-                                       protocol=pickle.HIGHEST_PROTOCOL))
+                _tell_spare(sock, env_id, self._specs[function_index], extra_env)
             except OSError:
                 sock.close()  # it died while parked (the zygote reports its exit): take the next one
                 continue
