@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -95,52 +96,44 @@ def identity_alive(identity: object) -> bool:
         return False
 
 
-#: Where environments take their lower priority (`environment_sessions`).
-OWN_SESSIONS, ZYGOTE_SESSION = "own", "zygote"
-_CAP_SYS_ADMIN = 21
+#: The kernel's limit on autogroup changes by a process without CAP_SYS_ADMIN: one per this many seconds,
+#: for the whole machine (EAGAIN in between).
+_AUTOGROUP_RATE_LIMIT_S = 0.1
 
 
-def environment_sessions() -> str:
-    """Where environments should run on this machine so that they yield the CPU to the control plane.
+def lower_session_priority(nice: int, attempts: int = 5) -> int | None:
+    """Give this process's session the scheduling priority `nice`, for every process in it; returns the
+    session's nice as the kernel reports it afterwards (None on a kernel that does not schedule by session).
 
-    On kernels that schedule by session (autogroup: /proc/sys/kernel/sched_autogroup_enabled), the CPU
-    is shared between sessions first and a nice value counts only within its session. With
-    CAP_SYS_ADMIN (root) each environment leads a session of its own and sets that session's autogroup
-    nice (`OWN_SESSIONS`). Without it the kernel accepts one autogroup change per 100 ms for the whole
-    machine (EAGAIN otherwise), so a burst of environments would keep nice 0 in sessions of their own,
-    each weighing as much as the supervisor's (measured: dispatch lag p99 19-42 ms at 167 req/s on 2
-    CPUs); they stay in the zygote's session instead (`ZYGOTE_SESSION`), which weighs as one session
-    against the supervisor's, and their nice value counts against the zygote within it (lag p99 1.3 ms,
-    inits slower). Without autogroup the nice value alone counts and sessions do not matter."""
+    Linux kernels with autogroup (/proc/sys/kernel/sched_autogroup_enabled) share the CPU between
+    sessions first, and a process's own nice value counts only against the others of its session. The
+    zygote calls this for the session every environment runs in, so that all of them together weigh as
+    one low-priority session against the supervisor's, the sampler's and the database server's, however
+    many there are. (An environment leading a session of its own would weigh as much as the supervisor at
+    any nice: measured on 2 CPUs at 500 req/s from no environment, dispatch lag p99 335 ms against 1.8
+    ms.) Lowering is always allowed; without CAP_SYS_ADMIN the kernel accepts one change per 100 ms for
+    the whole machine, so a refused write is tried again a few times."""
+    for attempt in range(attempts):
+        try:
+            with open("/proc/self/autogroup", "w") as fh:
+                fh.write(str(nice))
+            break
+        except FileNotFoundError:
+            return None
+        except OSError:
+            if attempt + 1 < attempts:
+                time.sleep(_AUTOGROUP_RATE_LIMIT_S)
+    return session_nice(os.getpid())
+
+
+def session_nice(pid: int) -> int | None:
+    """The autogroup nice of `pid`'s session ("/autogroup-42 nice 10"), or None where the kernel does not
+    schedule by session."""
     try:
         with open("/proc/sys/kernel/sched_autogroup_enabled") as fh:
-            autogroup = fh.read().strip() == "1"
-    except OSError:
-        autogroup = False
-    return OWN_SESSIONS if not autogroup or _has_capability(_CAP_SYS_ADMIN) else ZYGOTE_SESSION
-
-
-def _has_capability(bit: int) -> bool:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> bit & 1)
+            if fh.read().strip() != "1":
+                return None
+        with open(f"/proc/{pid}/autogroup") as fh:
+            return int(fh.read().split()[-1])
     except (OSError, ValueError, IndexError):
-        pass
-    return False
-
-
-def lower_priority(nice: int, *, session: bool = True) -> None:
-    """Run this process (and what it starts) at scheduling priority `nice`: its own nice value, and, with
-    `session` (it leads its session) on kernels that schedule by session, its session's autogroup nice
-    (see `environment_sessions`). Lowering is always allowed; a kernel without autogroups has no file,
-    and a change the kernel refuses (rate-limited without CAP_SYS_ADMIN) leaves the session at nice 0."""
-    os.nice(nice)
-    if not session:
-        return
-    try:
-        with open("/proc/self/autogroup", "w") as fh:
-            fh.write(str(nice))
-    except OSError:
-        pass
+        return None

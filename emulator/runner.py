@@ -314,7 +314,7 @@ def run(target: RunConfig | Scenario, *, display: Display | None = None, arrival
             display.phase("forking environments' processes ahead of the load")
         results.update(zygote_reserve={"asked": first_burst(scenario),
                                        "forked": zygote.reserve(first_burst(scenario))},
-                       environment_priority={"nice": config.env_nice, "sessions": zygote.sessions})
+                       environment_priority={"nice": config.env_nice, "session_nice": zygote.session_nice})
         supervisor = Supervisor(
             [function_config(f, env_vars[f.function_name]) for f in scenario.functions]
             + [dataclasses.replace(FunctionConfig.from_run_config(s.config, env_vars[s.name]), instances=s.instances,

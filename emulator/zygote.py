@@ -64,8 +64,8 @@ from typing import Any, Callable
 
 from .environment import ENV_ID_VARIABLE, EnvSpec, environment_main, setup_process
 from .loop import Loop
-from .processes import (OWN_SESSIONS, child_pythonpath, die_with_parent, environment_sessions, lower_priority,
-                        set_child_subreaper, set_parent_death_signal, signal_group, wait_or_kill)
+from .processes import (child_pythonpath, die_with_parent, lower_session_priority, session_nice, set_child_subreaper,
+                        set_parent_death_signal, signal_group, wait_or_kill)
 
 #: Libraries imported into the zygote so environments inherit them instead of importing them cold.
 PRELOAD = (
@@ -139,11 +139,10 @@ def warm_drivers(env_vars: dict[str, str]) -> None:
 class _Zygote:
     """Forks environments on request (see the module docstring)."""
 
-    def __init__(self, control: socket.socket, nice: int, sessions: str = OWN_SESSIONS) -> None:
+    def __init__(self, control: socket.socket, nice: int) -> None:
         self.control = control
         self.control.setblocking(False)
         self.nice = nice
-        self.own_sessions = sessions == OWN_SESSIONS
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -296,19 +295,16 @@ class _Zygote:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            # A process group of our own, so the supervisor freezes and kills whatever the handler
-            # starts with it. Where the kernel lets us set a session's priority, a session of our own
-            # too (see processes.environment_sessions): sharing the zygote's, a burst of initialising
-            # environments weighs against the zygote inside that session.
-            if self.own_sessions:
-                os.setsid()
-            else:
-                os.setpgid(0, 0)
+            # A process group of our own, so the supervisor freezes and kills whatever the handler starts
+            # with it; the zygote's session, whose priority the zygote lowered for all of them
+            # (processes.lower_session_priority); and within it, below the zygote, which keeps the
+            # spares coming.
+            os.setpgid(0, 0)
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != self.pid:
                 os._exit(1)  # the zygote died before the death signal was armed
             if self.nice:
-                lower_priority(self.nice, session=self.own_sessions)
+                os.nice(self.nice)
             data = sock.recv(CONTROL_MESSAGE)
             if not data:
                 os._exit(0)
@@ -400,10 +396,13 @@ def _kill_tree(pid: int) -> None:
         pass
 
 
-def zygote_main(control_fd: int, nice: int = 0, sessions: str = OWN_SESSIONS) -> None:
-    """Preload libraries, then fork an environment for every spawn request until the supervisor leaves."""
+def zygote_main(control_fd: int, nice: int = 0) -> None:
+    """Preload libraries, then fork an environment for every spawn request until the supervisor leaves.
+    The zygote leads the session every environment runs in, and gives that session the priority `nice`."""
     set_parent_death_signal(signal.SIGKILL)
     set_child_subreaper()
+    if nice:
+        lower_session_priority(nice)
     # Two descriptors per child forked ahead: allow as many as the system lets this process have.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
@@ -417,7 +416,7 @@ def zygote_main(control_fd: int, nice: int = 0, sessions: str = OWN_SESSIONS) ->
             pass
     gc.collect()
     gc.freeze()  # keep the preloaded heap out of the collector so forks share its pages
-    _Zygote(socket.socket(fileno=control_fd), nice, sessions).serve()
+    _Zygote(socket.socket(fileno=control_fd), nice).serve()
 
 
 # --- the supervisor's side --------------------------------------------------------------------------
@@ -435,12 +434,13 @@ class ZygoteClient:
     `on_exited(pid, wait_status)`, `on_lost(reason)`.
     """
 
-    def __init__(self, logs_dir: Path, run_id: str, *, nice: int = 0, sessions: str | None = None) -> None:
+    def __init__(self, logs_dir: Path, run_id: str, *, nice: int = 0) -> None:
         self.logs_dir = logs_dir
         self.run_id = run_id
         self.nice = nice
-        #: Where environments run (`processes.environment_sessions`, decided for this machine by default).
-        self.sessions = sessions or environment_sessions()
+        #: The priority of the environments' session as the kernel reports it once the zygote is ready
+        #: (None where the kernel does not schedule by session; see `processes.lower_session_priority`).
+        self.session_nice: int | None = None
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self._loop: Loop | None = None
@@ -465,8 +465,7 @@ class ZygoteClient:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from emulator.zygote import zygote_main; "
-                 "zygote_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])", str(theirs.fileno()),
-                 str(self.nice), self.sessions],
+                 "zygote_main(int(sys.argv[1]), int(sys.argv[2]))", str(theirs.fileno()), str(self.nice)],
                 pass_fds=[theirs.fileno()], start_new_session=True, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT,
                 # The run id in the zygote's environment labels it and every environment forked from it
@@ -479,6 +478,7 @@ class ZygoteClient:
         message = self._wait_for("zygote_ready", timeout_s)
         if message is None:
             raise ZygoteLost(f"the environment zygote did not start within {timeout_s:g}s; see {self.log_path}")
+        self.session_nice = session_nice(self.proc.pid)
 
     def warm(self, env_vars: dict[str, str], timeout_s: float = 60.0) -> str:
         """Have the zygote run the drivers' connect paths once against the started database, so
@@ -640,5 +640,4 @@ class ZygoteClient:
 
 
 if __name__ == "__main__":
-    zygote_main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0,
-                sys.argv[3] if len(sys.argv) > 3 else OWN_SESSIONS)
+    zygote_main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)
