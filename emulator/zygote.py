@@ -85,6 +85,12 @@ PRELOAD = (
 PARKED_TARGET = 8
 #: The most children a reserve keeps forked ahead (about 2.5 GB of private memory).
 RESERVE_MAX = 1024
+#: The environments' session is lowered at most this far (weight 335 against the supervisor's 1024), even
+#: when their own nice value is higher. Lower, a thawed environment waits for a CPU behind the control
+#: plane too long: at session nice 10 (weight 110) the supervisor's added dispatch latency p99 at 1000
+#: req/s was 1.4-9 ms against 0.6-0.8 ms at 5, while the dispatch lag in a 500 req/s burst is the same at
+#: both (1.5-1.8 ms p99; BENCHMARKS.md 8b).
+SESSION_NICE_MAX = 5
 #: Largest control message (a pickled EnvSpec with the function's environment variables).
 CONTROL_MESSAGE = 1 << 20
 #: Environment variable naming the run that started a zygote and its environments.
@@ -398,11 +404,12 @@ def _kill_tree(pid: int) -> None:
 
 def zygote_main(control_fd: int, nice: int = 0) -> None:
     """Preload libraries, then fork an environment for every spawn request until the supervisor leaves.
-    The zygote leads the session every environment runs in, and gives that session the priority `nice`."""
+    The zygote leads the session every environment runs in, and gives that session the priority `nice`, at
+    most SESSION_NICE_MAX."""
     set_parent_death_signal(signal.SIGKILL)
     set_child_subreaper()
-    if nice:
-        lower_session_priority(nice)
+    if min(nice, SESSION_NICE_MAX):
+        lower_session_priority(min(nice, SESSION_NICE_MAX))
     # Two descriptors per child forked ahead: allow as many as the system lets this process have.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
