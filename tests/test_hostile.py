@@ -228,8 +228,11 @@ def _silent_server() -> socket.socket:
 def test_ctrl_c_while_validating_is_130_not_aborted(tmp_path, scheme):
     server = _silent_server()
     url = f"{scheme}://u:p@127.0.0.1:{server.getsockname()[1]}/db"
+    # Ctrl-C at its default in the CLI, as from a terminal, whatever this test run inherited: a suite
+    # started in the background by a non-interactive shell has SIGINT ignored, and so would the CLI.
     proc = subprocess.Popen([*LAMBDAEMU, "run", "--db-url", url, "--results-dir", str(tmp_path / "results")],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         client, _ = server.accept()  # lambdaemu is now waiting on the server: validation is under way
         proc.send_signal(signal.SIGINT)
