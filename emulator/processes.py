@@ -101,9 +101,9 @@ def identity_alive(identity: object) -> bool:
 _AUTOGROUP_RATE_LIMIT_S = 0.1
 
 
-def lower_session_priority(nice: int, attempts: int = 5) -> int | None:
-    """Give this process's session the scheduling priority `nice`, for every process in it; returns the
-    session's nice as the kernel reports it afterwards (None on a kernel that does not schedule by session).
+def lower_session_priority(nice: int, attempts: int = 5) -> None:
+    """Give this process's session the scheduling priority `nice`, for every process in it (read back with
+    `session_nice`).
 
     Linux kernels with autogroup (/proc/sys/kernel/sched_autogroup_enabled) share the CPU between
     sessions first, and a process's own nice value counts only against the others of its session. The
@@ -117,13 +117,12 @@ def lower_session_priority(nice: int, attempts: int = 5) -> int | None:
         try:
             with open("/proc/self/autogroup", "w") as fh:
                 fh.write(str(nice))
-            break
+            return
         except FileNotFoundError:
-            return None
+            return  # a kernel without autogroup
         except OSError:
             if attempt + 1 < attempts:
                 time.sleep(_AUTOGROUP_RATE_LIMIT_S)
-    return session_nice(os.getpid())
 
 
 def session_nice(pid: int) -> int | None:

@@ -408,8 +408,9 @@ def zygote_main(control_fd: int, nice: int = 0) -> None:
     most SESSION_NICE_MAX."""
     set_parent_death_signal(signal.SIGKILL)
     set_child_subreaper()
-    if min(nice, SESSION_NICE_MAX):
-        lower_session_priority(min(nice, SESSION_NICE_MAX))
+    session_nice_wanted = min(nice, SESSION_NICE_MAX)
+    if session_nice_wanted:
+        lower_session_priority(session_nice_wanted)
     # Two descriptors per child forked ahead: allow as many as the system lets this process have.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
